@@ -1,0 +1,56 @@
+"""CLIP ViT-L/14 text encoder: token ids -> the context the U-Net attends to."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import SelfAttention
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408
+    max_tokens: int = 77
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # The sigmoid approximation of GELU that OpenAI trained CLIP with.
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPLayer(nn.Module):
+    """Pre-norm transformer layer: causal self-attention, then a 4x MLP."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width)
+        self.attention = SelfAttention(width, num_heads)
+        self.layer_norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 77, 768) throughout
+        x = x + self.attention(self.layer_norm1(x), causal=True)
+        # (B, 77, 768) -> (B, 77, 3072) -> (B, 77, 768)
+        return x + self.fc2(quick_gelu(self.fc1(self.layer_norm2(x))))
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig = CLIPConfig()):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Parameter(torch.empty(config.max_tokens, config.width))
+        self.layers = nn.ModuleList(CLIPLayer(config.width, config.num_heads) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # (B, 77) -> (B, 77, 768)
+        x = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)

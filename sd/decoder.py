@@ -1,0 +1,56 @@
+"""VAE decoder: scaled latents -> an image in about [-1, 1], 8 times larger."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, config: VAEConfig, in_channels: int, out_channels: int, upsample: bool):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * (config.blocks_per_level + 1)
+        self.block = nn.ModuleList(ResidualBlock(config, a, b) for a, b in zip(widths, widths[1:]))
+        self.upsample = Upsample(out_channels) if upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.upsample(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        widths = config.widths
+        last = len(widths) - 1
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(config, widths[-1])
+        # Indexed like the encoder's levels (0 = full resolution) and run from the last to the first.
+        self.up = nn.ModuleList(
+            DecoderLevel(config, widths[min(i + 1, last)], widths[i], upsample=i > 0) for i in range(len(widths))
+        )
+        self.norm_out = group_norm(config, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], config.image_channels, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        # (B, 4, h, w) -> (B, 512, h, w)
+        x = self.conv_in(self.post_quant_conv(latents / LATENT_SCALE))
+        x = self.mid(x)
+        # (B, 512, h, w) -> (B, 128, 8h, 8w)
+        for level in reversed(self.up):
+            x = level(x)
+        # (B, 128, 8h, 8w) -> (B, 3, 8h, 8w)
+        return self.conv_out(F.silu(self.norm_out(x)))

@@ -1,0 +1,222 @@
+"""The diffusion U-Net: predicts the noise in a latent image, given the time step and the text context."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CrossAttention, SelfAttention
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for inpainting checkpoints: latents, mask and masked-image latents
+    out_channels: int = 4
+    base_width: int = 320
+    width_multipliers: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; each but the last halves H and W
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    blocks_per_level: int = 2  # the decoder half has one more per level
+    num_heads: int = 8
+    context_width: int = 768
+    num_groups: int = 32
+
+    @property
+    def time_width(self) -> int:
+        return 4 * self.base_width
+
+
+def group_norm(config: UNetConfig, channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(config.num_groups, channels, eps=eps)
+
+
+def timestep_embedding(timesteps: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the time step: cosines then sines over geometric frequencies."""
+    half = width // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    # (B,) x (half,) -> (B, half)
+    angles = timesteps.float()[:, None] * frequencies[None, :]
+    # (B, half) -> (B, width)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, width: int, time_width: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(width, time_width)
+        self.linear_2 = nn.Linear(time_width, time_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 320) -> (B, 1280)
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with the time embedding added between them."""
+
+    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(config, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(config.time_width, out_channels)
+        self.norm2 = group_norm(config, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        # (B, 1280) -> (B, C_out, 1, 1), broadcast over every pixel
+        h = h + self.time_proj(F.silu(time))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class GEGLU(nn.Module):
+    """Feed-forward layer with a GELU-gated hidden layer 4x wider than the input."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj_in = nn.Linear(width, 8 * width)
+        self.proj_out = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, L, C) -> 2 x (B, L, 4C)
+        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        # (B, L, 4C) -> (B, L, C)
+        return self.proj_out(hidden * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: UNetConfig, width: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.self_attention = SelfAttention(width, config.num_heads, in_proj_bias=False)
+        self.norm2 = nn.LayerNorm(width)
+        self.cross_attention = CrossAttention(width, config.context_width, config.num_heads)
+        self.norm3 = nn.LayerNorm(width)
+        self.feed_forward = GEGLU(width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # (B, H * W, C) throughout
+        x = x + self.self_attention(self.norm1(x))
+        x = x + self.cross_attention(self.norm2(x), context)
+        return x + self.feed_forward(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Lets every pixel attend to the others and to the text, as a sequence of H * W tokens."""
+
+    def __init__(self, config: UNetConfig, width: int):
+        super().__init__()
+        self.norm = group_norm(config, width, eps=1e-6)
+        self.proj_in = nn.Conv2d(width, width, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(config, width)])
+        self.proj_out = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        # (B, C, H, W) -> (B, H * W, C)
+        h = h.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        # (B, H * W, C) -> (B, C, H, W)
+        h = h.transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, C, H / 2, W / 2)
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """A few layers run in order, each given what it needs: the time, the context or neither."""
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResidualBlock):
+                x = layer(x, time)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        widths = [config.base_width * m for m in config.width_multipliers]
+        last = len(widths) - 1
+        self.time_embedding = TimeEmbedding(config.base_width, config.time_width)
+
+        # Encoder half: each stage's output is kept as a skip connection for the decoder half.
+        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(config.in_channels, widths[0], 3, padding=1)])])
+        skip_widths = [widths[0]]
+        width = widths[0]
+        for level, level_width in enumerate(widths):
+            for _ in range(config.blocks_per_level):
+                layers = [ResidualBlock(config, width, level_width)]
+                width = level_width
+                if level in config.attention_levels:
+                    layers.append(SpatialTransformer(config, width))
+                self.input_blocks.append(Stage(layers))
+                skip_widths.append(width)
+            if level < last:
+                self.input_blocks.append(Stage([Downsample(width)]))
+                skip_widths.append(width)
+
+        self.middle_block = Stage(
+            [ResidualBlock(config, width, width), SpatialTransformer(config, width), ResidualBlock(config, width, width)]
+        )
+
+        # Decoder half: each stage takes one skip connection, concatenated along the channels.
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            for block in range(config.blocks_per_level + 1):
+                layers = [ResidualBlock(config, width + skip_widths.pop(), widths[level])]
+                width = widths[level]
+                if level in config.attention_levels:
+                    layers.append(SpatialTransformer(config, width))
+                if level > 0 and block == config.blocks_per_level:
+                    layers.append(Upsample(width))
+                self.output_blocks.append(Stage(layers))
+
+        self.norm_out = group_norm(config, width)
+        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
+        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        # (B,) -> (B, 320) -> (B, 1280)
+        time = self.time_embedding(timestep_embedding(timesteps, self.config.base_width).to(latents.dtype))
+        x = latents
+        skips = []
+        # (B, 4, h, w) -> (B, 1280, h / 8, w / 8)
+        for stage in self.input_blocks:
+            x = stage(x, time, context)
+            skips.append(x)
+        x = self.middle_block(x, time, context)
+        # (B, 1280, h / 8, w / 8) -> (B, 320, h, w)
+        for stage in self.output_blocks:
+            x = stage(torch.cat([x, skips.pop()], dim=1), time, context)
+        # (B, 320, h, w) -> (B, 4, h, w)
+        return self.conv_out(F.silu(self.norm_out(x)))

@@ -1,0 +1,61 @@
+"""VAE encoder: an image in [-1, 1] -> scaled latents at 1/8 of its size."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pad right and bottom only (as trained), so (B, C, H, W) -> (B, C, H / 2, W / 2).
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class EncoderLevel(nn.Module):
+    def __init__(self, config: VAEConfig, in_channels: int, out_channels: int, downsample: bool):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * config.blocks_per_level
+        self.block = nn.ModuleList(ResidualBlock(config, a, b) for a, b in zip(widths, widths[1:]))
+        self.downsample = Downsample(out_channels) if downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.downsample(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        widths = config.widths
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(config.image_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            EncoderLevel(config, widths[max(i - 1, 0)], widths[i], downsample=i < last) for i in range(len(widths))
+        )
+        self.mid = MidBlock(config, widths[-1])
+        self.norm_out = group_norm(config, widths[-1])
+        # Predicts the mean and the log-variance of each latent channel.
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, 128, H, W)
+        x = self.conv_in(image)
+        # (B, 128, H, W) -> (B, 512, H / 8, W / 8)
+        for level in self.down:
+            x = level(x)
+        x = self.mid(x)
+        # (B, 512, H / 8, W / 8) -> (B, 8, H / 8, W / 8)
+        moments = self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))
+        # (B, 8, H / 8, W / 8) -> 2 x (B, 4, H / 8, W / 8)
+        mean, log_variance = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+        # Sample the posterior with the caller's noise, so results are reproducible.
+        return (mean + std * noise) * LATENT_SCALE

@@ -1,0 +1,238 @@
+"""Reads original (CompVis) SD 1.x checkpoints and renames their tensors to ours.
+
+The mapping is a few rules rather than a table: a prefix says which of our four models a tensor
+belongs to, renames turn the original layer names into ours, and the query, key and value
+projections of each self-attention are concatenated into its one fused `in_proj`.
+"""
+
+import json
+import math
+import mmap
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from .errors import SDError
+
+# Original prefix -> ours. The first one that matches wins.
+PREFIXES = [
+    ("model.diffusion_model.", "diffusion."),
+    ("first_stage_model.encoder.", "encoder."),
+    ("first_stage_model.quant_conv.", "encoder.quant_conv."),
+    ("first_stage_model.decoder.", "decoder."),
+    ("first_stage_model.post_quant_conv.", "decoder.post_quant_conv."),
+    ("cond_stage_model.transformer.text_model.", "clip."),
+    ("cond_stage_model.transformer.", "clip."),  # checkpoints saved with transformers < 4.18
+]
+
+# Layer renames, applied in order to the name after its prefix is replaced.
+RENAMES = [
+    # U-Net
+    (r"^diffusion\.time_embed\.0\.", "diffusion.time_embedding.linear_1."),
+    (r"^diffusion\.time_embed\.2\.", "diffusion.time_embedding.linear_2."),
+    (r"^diffusion\.out\.0\.", "diffusion.norm_out."),
+    (r"^diffusion\.out\.2\.", "diffusion.conv_out."),
+    (r"\.in_layers\.0\.", ".norm1."),
+    (r"\.in_layers\.2\.", ".conv1."),
+    (r"\.emb_layers\.1\.", ".time_proj."),
+    (r"\.out_layers\.0\.", ".norm2."),
+    (r"\.out_layers\.3\.", ".conv2."),
+    (r"\.skip_connection\.", ".shortcut."),
+    (r"\.op\.", ".conv."),
+    (r"\.attn1\.to_out\.0\.", ".self_attention.out_proj."),
+    (r"\.attn2\.to_out\.0\.", ".cross_attention.out_proj."),
+    (r"\.attn2\.to_([qkv])\.", r".cross_attention.\1_proj."),
+    (r"\.ff\.net\.0\.proj\.", ".feed_forward.proj_in."),
+    (r"\.ff\.net\.2\.", ".feed_forward.proj_out."),
+    # VAE
+    (r"\.nin_shortcut\.", ".shortcut."),
+    (r"\.attn_1\.proj_out\.", ".attn_1.attention.out_proj."),
+    # CLIP
+    (r"^clip\.embeddings\.token_embedding\.", "clip.token_embedding."),
+    (r"^clip\.embeddings\.position_embedding\.weight$", "clip.position_embedding"),
+    (r"^clip\.encoder\.layers\.", "clip.layers."),
+    (r"\.self_attn\.out_proj\.", ".attention.out_proj."),
+    (r"\.mlp\.fc", ".fc"),
+]
+
+# Query/key/value projections fused into one `in_proj`; the captured letter orders the parts.
+FUSED = [
+    (r"\.attn1\.to_([qkv])\.", ".self_attention.in_proj."),  # U-Net
+    (r"\.attn_1\.([qkv])\.", ".attn_1.attention.in_proj."),  # VAE (1x1 convolutions)
+    (r"\.self_attn\.([qkv])_proj\.", ".attention.in_proj."),  # CLIP
+]
+
+# Original tensors we have no use for: the training schedule (we compute ours), CLIP's
+# position ids (always 0..76) and the EMA copy some training checkpoints carry.
+IGNORED = re.compile(r"^(betas|alphas_cumprod.*|sqrt_.*|log_one_minus.*|posterior_.*|model_ema\..*|.*\.position_ids)$")
+
+# Telltale key prefixes of the checkpoints people most often mistake for SD 1.x.
+OTHER_MODELS = [
+    ("cond_stage_model.model.", "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)"),
+    ("conditioner.embedders.", "an SDXL checkpoint"),
+    ("down_blocks.", "a diffusers-format U-Net (not a single-file checkpoint)"),
+    ("text_model.", "a bare CLIP text encoder"),
+]
+
+SD15_HINT = "use an SD 1.x checkpoint such as v1-5-pruned-emaonly.safetensors"
+
+
+def target_name(key: str) -> tuple[str, int] | None:
+    """Our parameter name for an original key, and the part it fills (0 unless fused); None to ignore it."""
+    if IGNORED.match(key):
+        return None
+    for original, ours in PREFIXES:
+        if key.startswith(original):
+            name = ours + key[len(original):]
+            break
+    else:
+        return key, 0  # not ours: reported as unexpected
+    for pattern, replacement in RENAMES:
+        name = re.sub(pattern, replacement, name)
+    for pattern, replacement in FUSED:
+        match = re.search(pattern, name)
+        if match:
+            return name[: match.start()] + replacement + name[match.end():], "qkv".index(match.group(1))
+    return name, 0
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or a .ckpt (tensors only, never code), memory-mapped, read when used."""
+    path = Path(path)
+    if not path.is_file():
+        raise SDError(f"checkpoint not found: {path}; {SD15_HINT}")
+    if path.suffix == ".safetensors":
+        return MappedSafetensors(path)
+    return _read_pickle(path)
+
+
+# safetensors dtype names -> torch
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+
+class MappedSafetensors(dict):
+    """name -> tensor view into a private memory map of a .safetensors file: nothing is read until used.
+
+    Our own small reader rather than `safe_open`, so that `release_pages` can hand a tensor's pages
+    back to the kernel once it has been cast: the file then never sits in our memory beside its copy.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        problem = f"cannot read {path} as safetensors: the file is truncated or not a checkpoint; download it again"
+        with open(path, "rb") as file:
+            try:
+                self.memory = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            except ValueError:  # an empty file
+                raise SDError(problem) from None
+        self.offsets = {}
+        try:
+            header_size = int.from_bytes(self.memory[:8], "little")
+            header = json.loads(self.memory[8 : 8 + header_size])
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
+                if end > len(self.memory):
+                    raise ValueError(f"{name} lies past the end of the file")
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                flat = torch.frombuffer(self.memory, dtype=dtype, count=math.prod(entry["shape"]), offset=begin)
+                self[name] = flat.view(entry["shape"])
+                self.offsets[name] = (begin, end)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise SDError(problem) from None
+
+    def release_pages(self, name: str) -> None:
+        begin, end = self.offsets[name]
+        # Unmodified pages of a private file mapping are simply dropped (and read again if touched).
+        start = begin - begin % mmap.PAGESIZE
+        self.memory.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    if not zipfile.is_zipfile(path):
+        raise SDError(f"{path} is not a PyTorch checkpoint (no zip archive inside: truncated or another kind of file); download it again")
+    try:
+        # weights_only refuses anything but tensors and plain containers: a pickle cannot run code here.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise SDError(f"refusing {path}: it holds more than tensors ({_first_line(error)}); convert it to .safetensors from a trusted source") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise SDError(f"cannot read {path} ({_first_line(error)}): the file is truncated or damaged; download it again") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise SDError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of tensors; {SD15_HINT}")
+    return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+    """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival.
+
+    Empties `checkpoint` as it goes, so that each original tensor can be freed once cast.
+    `expected` maps each of our parameter names to its shape. Raises SDError naming every
+    missing, unexpected or misshapen tensor.
+    """
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    unexpected, original_names = [], {}
+    while checkpoint:
+        key, tensor = checkpoint.popitem()
+        target = target_name(key)
+        if target is None:
+            continue
+        name, part = target
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        parts.setdefault(name, {})[part] = cast = tensor.to(device=device, dtype=dtype)
+        if isinstance(checkpoint, MappedSafetensors) and cast.data_ptr() != tensor.data_ptr():
+            checkpoint.release_pages(key)
+        original_names.setdefault(name, []).append(key)
+    missing = [name for name in expected if name not in parts]
+    _check_other_model(unexpected)
+    state, wrong_shapes = {}, []
+    for name, pieces in parts.items():
+        tensor = _assemble(pieces, expected[name])
+        if tensor is None:
+            wrong_shapes.append(f"{'+'.join(original_names[name])} {[list(p.shape) for p in pieces.values()]} (expected {list(expected[name])})")
+        else:
+            state[name] = tensor
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_some(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    if wrong_shapes:
+        problems.append(f"{len(wrong_shapes)} with the wrong shape ({_some(wrong_shapes)})")
+    if problems:
+        raise SDError(f"not an SD 1.x checkpoint: tensors {'; '.join(problems)}; {SD15_HINT}")
+    return state
+
+
+def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """Joins fused q/k/v parts and flattens 1x1 convolutions used as linear layers; None if the shape is wrong."""
+    if sorted(pieces) not in ([0], [0, 1, 2]):
+        return None
+    ordered = [pieces[i] for i in sorted(pieces)]
+    if len(shape) == 2:
+        # (C_out, C_in, 1, 1) -> (C_out, C_in)
+        ordered = [p.flatten(1) if p.dim() == 4 and p.shape[2:] == (1, 1) else p for p in ordered]
+    tensor = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
+    return tensor if tensor.shape == shape else None
+
+
+def _check_other_model(unexpected: list[str]) -> None:
+    for prefix, description in OTHER_MODELS:
+        if any(key.startswith(prefix) for key in unexpected):
+            raise SDError(f"this is {description}, not SD 1.x; {SD15_HINT}")
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    more = f", and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

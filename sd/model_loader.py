@@ -1,0 +1,38 @@
+"""Builds our four models without initialising them and fills them straight from a checkpoint."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .clip import CLIP
+from .decoder import Decoder
+from .diffusion import UNet, UNetConfig
+from .encoder import Encoder
+from .model_converter import convert, read_checkpoint
+
+UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode."""
+    tensors = read_checkpoint(checkpoint)
+    unet_config = UNetConfig(in_channels=_unet_in_channels(tensors))
+    # On the meta device a model has shapes but no memory and no random initialisation.
+    with torch.device("meta"):
+        models = {"clip": CLIP(), "encoder": Encoder(), "decoder": Decoder(), "diffusion": UNet(unet_config)}
+    expected = {f"{name}.{key}": value.shape for name, model in models.items() for key, value in model.state_dict().items()}
+    state = convert(tensors, expected, dtype, device)
+    for name, model in models.items():
+        prefix = name + "."
+        own = {key[len(prefix):]: state.pop(key) for key in list(state) if key.startswith(prefix)}
+        # assign=True adopts our tensors as the parameters instead of copying into the meta ones.
+        model.load_state_dict(own, strict=True, assign=True)
+        model.eval().requires_grad_(False)
+    return models
+
+
+def _unet_in_channels(tensors: dict[str, torch.Tensor]) -> int:
+    first_conv = tensors.get(UNET_FIRST_CONV)
+    return first_conv.shape[1] if first_conv is not None and first_conv.dim() == 4 else UNetConfig.in_channels
+

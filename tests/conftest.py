@@ -1,0 +1,29 @@
+import gc
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a model hub fails instead of downloading
+
+from checkpoints import random_sd15_state_dict, write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_files(tmp_path_factory):
+    """One random full-size SD 1.5 checkpoint (4.3 GB in fp32), as .safetensors and as .ckpt."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    state = random_sd15_state_dict(seed=0)
+    files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
+    del state
+    gc.collect()
+    return files
+
+
+@pytest.fixture(scope="session")
+def safetensors_checkpoint(checkpoint_files):
+    return checkpoint_files[".safetensors"]
+
+
+@pytest.fixture(scope="session")
+def ckpt_checkpoint(checkpoint_files):
+    return checkpoint_files[".ckpt"]

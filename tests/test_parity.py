@@ -1,0 +1,170 @@
+"""Our models give the numbers of the reference implementations on the same full-size weights.
+
+One random SD 1.5 checkpoint with the original key names feeds both sides: ours through
+`load_models`, diffusers' through its own single-file converters, transformers' CLIP through
+the checkpoint's own names. Every model is full size (1.07 B parameters); inputs are small.
+Each reference uses its plain (non-fused) attention, so the comparison also checks our use of
+`scaled_dot_product_attention`.
+
+Tolerance: max |ours - reference| <= 1e-4 * max |reference|. Both sides compute in float32 with
+differently ordered sums (fused q/k/v, other kernels); through some 70 layers such rounding
+differences grow to about 1e-6 of the output's scale, so 1e-4 leaves room without hiding any
+real mistake (a wrong norm epsilon or a swapped projection gives errors of order 1e-2 to 1).
+"""
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from sd import load_models
+
+RELATIVE_TOLERANCE = 1e-4
+ORIGINAL_CONFIG = Path(__file__).parent / "fixtures" / "v1-inference.yaml"
+
+
+def read_original(path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names start with one of `prefixes`, under their original names."""
+    with safe_open(str(path), framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys() if key.startswith(prefixes)}
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    assert ours.shape == reference.shape
+    assert torch.isfinite(reference).all()
+    scale = reference.abs().max().item()
+    error = (ours - reference).abs().max().item()
+    print(f"{what}: max abs diff {error:.3g}, reference max abs {scale:.3g}, ratio {error / scale:.3g}")
+    assert error <= RELATIVE_TOLERANCE * scale, f"{what}: {error} > {RELATIVE_TOLERANCE} * {scale}"
+
+
+@pytest.fixture(scope="module")
+def ours(safetensors_checkpoint):
+    models = load_models(safetensors_checkpoint)
+    yield models
+    del models
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def original_config():
+    return yaml.safe_load(ORIGINAL_CONFIG.read_text())
+
+
+def build_on_meta(model_class, config: dict, state: dict[str, torch.Tensor]):
+    with torch.device("meta"):
+        model = model_class(**config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def test_unet_matches_diffusers(ours, safetensors_checkpoint, original_config):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(safetensors_checkpoint, ("model.diffusion_model.",))
+    config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
+    reference = build_on_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
+    del checkpoint
+    reference.set_attn_processor(AttnProcessor())
+
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    timesteps = torch.tensor([981, 1])
+    with torch.no_grad():
+        expected = reference(latents, timesteps, encoder_hidden_states=context).sample
+        actual = ours["diffusion"](latents, context, timesteps)
+        # An int time step is the same for the whole batch.
+        actual_int = ours["diffusion"](latents[:1], context[:1], 981)
+    del reference
+    gc.collect()
+    assert_close(actual, expected, "U-Net")
+    assert_close(actual_int, expected[:1], "U-Net (int timestep)")
+
+
+@pytest.fixture(scope="module")
+def reference_vae(safetensors_checkpoint, original_config):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(safetensors_checkpoint, ("first_stage_model.",))
+    config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
+    vae = build_on_meta(AutoencoderKL, config, convert_ldm_vae_checkpoint(checkpoint, config))
+    vae.set_attn_processor(AttnProcessor())
+    yield vae
+    del vae
+    gc.collect()
+
+
+def test_vae_encoder_matches_diffusers(ours, reference_vae):
+    generator = torch.Generator().manual_seed(2)
+    image = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
+    noise = torch.randn(2, 4, 8, 8, generator=generator)
+    with torch.no_grad():
+        posterior = reference_vae.encode(image).latent_dist
+        # The same sample as ours: mean + std * the injected noise, then the SD 1.5 scale factor.
+        expected = (posterior.mean + posterior.std * noise) * reference_vae.config.scaling_factor
+        actual = ours["encoder"](image, noise)
+    assert reference_vae.config.scaling_factor == 0.18215
+    assert_close(actual, expected, "VAE encoder")
+
+
+def test_vae_decoder_matches_diffusers(ours, reference_vae):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference_vae.decode(latents / reference_vae.config.scaling_factor).sample
+        actual = ours["decoder"](latents)
+    assert_close(actual, expected, "VAE decoder")
+
+
+def test_clip_matches_transformers(ours, safetensors_checkpoint):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prefix = "cond_stage_model.transformer.text_model."
+    checkpoint = read_original(safetensors_checkpoint, (prefix,))
+    state = {key[len(prefix):]: value for key, value in checkpoint.items() if not key.endswith("position_ids")}
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    )
+    config._attn_implementation = "eager"
+    reference = CLIPTextModel(config).eval()
+    assert reference.config._attn_implementation == "eager"
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.endswith("position_ids") for key in missing)
+
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 49406, (2, 77), generator=generator)
+    tokens[:, 0] = 49406
+    tokens[0, 10:] = 49407
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).last_hidden_state
+        actual = ours["clip"](tokens)
+    assert_close(actual, expected, "CLIP")
+
+
+def test_ckpt_and_safetensors_load_the_same_weights(ours, ckpt_checkpoint):
+    from_ckpt = load_models(ckpt_checkpoint)
+    for name, model in ours.items():
+        theirs = from_ckpt[name].state_dict()
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, theirs[key]), f"{name}.{key}"
+
+
+def test_half_precision_checkpoint_loads_into_any_dtype(tmp_path):
+    """fp16 and bf16 checkpoints (as most downloads are) load into fp32 and bf16 models."""
+    from checkpoints import random_sd15_state_dict, write_checkpoint
+
+    for stored in (torch.float16, torch.bfloat16):
+        path = write_checkpoint(random_sd15_state_dict(seed=5, dtype=stored), tmp_path / f"half-{stored}.safetensors")
+        for target in (torch.float32, torch.bfloat16):
+            models = load_models(path, dtype=target)
+            assert {p.dtype for m in models.values() for p in m.parameters()} == {target}
+            del models
+        path.unlink()
