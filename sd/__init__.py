@@ -2,5 +2,6 @@
 
 from .errors import SDError
 from .model_loader import load_models
+from .pipeline import generate
 
-__all__ = ["SDError", "load_models"]
+__all__ = ["SDError", "generate", "load_models"]

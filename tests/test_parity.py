@@ -13,23 +13,14 @@ real mistake (a wrong norm epsilon or a swapped projection gives errors of order
 """
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors import safe_open
+from reference import reference_clip, reference_unet, reference_vae
 
 from sd import load_models
 
 RELATIVE_TOLERANCE = 1e-4
-ORIGINAL_CONFIG = Path(__file__).parent / "fixtures" / "v1-inference.yaml"
-
-
-def read_original(path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors whose names start with one of `prefixes`, under their original names."""
-    with safe_open(str(path), framework="pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys() if key.startswith(prefixes)}
 
 
 def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
@@ -49,29 +40,8 @@ def ours(safetensors_checkpoint):
     gc.collect()
 
 
-@pytest.fixture(scope="module")
-def original_config():
-    return yaml.safe_load(ORIGINAL_CONFIG.read_text())
-
-
-def build_on_meta(model_class, config: dict, state: dict[str, torch.Tensor]):
-    with torch.device("meta"):
-        model = model_class(**config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def test_unet_matches_diffusers(ours, safetensors_checkpoint, original_config):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from diffusers.models.attention_processor import AttnProcessor
-
-    checkpoint = read_original(safetensors_checkpoint, ("model.diffusion_model.",))
-    config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
-    reference = build_on_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
-    del checkpoint
-    reference.set_attn_processor(AttnProcessor())
-
+def test_unet_matches_diffusers(ours, safetensors_checkpoint):
+    reference = reference_unet(safetensors_checkpoint)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, 16, 16, generator=generator)
     context = torch.randn(2, 77, 768, generator=generator)
@@ -88,57 +58,36 @@ def test_unet_matches_diffusers(ours, safetensors_checkpoint, original_config):
 
 
 @pytest.fixture(scope="module")
-def reference_vae(safetensors_checkpoint, original_config):
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-    from diffusers.models.attention_processor import AttnProcessor
-
-    checkpoint = read_original(safetensors_checkpoint, ("first_stage_model.",))
-    config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    vae = build_on_meta(AutoencoderKL, config, convert_ldm_vae_checkpoint(checkpoint, config))
-    vae.set_attn_processor(AttnProcessor())
-    yield vae
-    del vae
+def vae(safetensors_checkpoint):
+    model = reference_vae(safetensors_checkpoint)
+    yield model
+    del model
     gc.collect()
 
 
-def test_vae_encoder_matches_diffusers(ours, reference_vae):
+def test_vae_encoder_matches_diffusers(ours, vae):
     generator = torch.Generator().manual_seed(2)
     image = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
     noise = torch.randn(2, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        posterior = reference_vae.encode(image).latent_dist
+        posterior = vae.encode(image).latent_dist
         # The same sample as ours: mean + std * the injected noise, then the SD 1.5 scale factor.
-        expected = (posterior.mean + posterior.std * noise) * reference_vae.config.scaling_factor
+        expected = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
         actual = ours["encoder"](image, noise)
-    assert reference_vae.config.scaling_factor == 0.18215
+    assert vae.config.scaling_factor == 0.18215
     assert_close(actual, expected, "VAE encoder")
 
 
-def test_vae_decoder_matches_diffusers(ours, reference_vae):
+def test_vae_decoder_matches_diffusers(ours, vae):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = reference_vae.decode(latents / reference_vae.config.scaling_factor).sample
+        expected = vae.decode(latents / vae.config.scaling_factor).sample
         actual = ours["decoder"](latents)
     assert_close(actual, expected, "VAE decoder")
 
 
 def test_clip_matches_transformers(ours, safetensors_checkpoint):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    prefix = "cond_stage_model.transformer.text_model."
-    checkpoint = read_original(safetensors_checkpoint, (prefix,))
-    state = {key[len(prefix):]: value for key, value in checkpoint.items() if not key.endswith("position_ids")}
-    config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    )
-    config._attn_implementation = "eager"
-    reference = CLIPTextModel(config).eval()
-    assert reference.config._attn_implementation == "eager"
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    assert not unexpected and all(key.endswith("position_ids") for key in missing)
-
+    reference = reference_clip(safetensors_checkpoint)
     generator = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, 49406, (2, 77), generator=generator)
     tokens[:, 0] = 49406

@@ -1,0 +1,95 @@
+"""The reference implementations, built offline from one of our random original-format checkpoints.
+
+The U-Net and the VAE come from diffusers' own single-file converters, the text encoder is
+transformers' CLIPTextModel under the checkpoint's own names. Each is built on the meta device
+and takes the checkpoint's tensors as they are, so no random initialisation runs.
+Attention runs in its plain (non-fused) form, so the comparison also checks our use of
+`scaled_dot_product_attention`.
+"""
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+ORIGINAL_CONFIG = Path(__file__).parent / "fixtures" / "v1-inference.yaml"
+DATA = Path(__file__).resolve().parent.parent / "data"
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+
+def read_original(path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names start with `prefix`, under their original names."""
+    with safe_open(str(path), framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys() if key.startswith(prefix)}
+
+
+def original_config() -> dict:
+    return yaml.safe_load(ORIGINAL_CONFIG.read_text())
+
+
+def _build_on_meta(model_class, config: dict, state: dict[str, torch.Tensor]):
+    with torch.device("meta"):
+        model = model_class(**config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def reference_unet(path):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(path, "model.diffusion_model.")
+    config = create_unet_diffusers_config_from_ldm(original_config(), checkpoint)
+    unet = _build_on_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
+    unet.set_attn_processor(AttnProcessor())
+    return unet
+
+
+def reference_vae(path):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(path, "first_stage_model.")
+    config = create_vae_diffusers_config_from_ldm(original_config(), checkpoint)
+    vae = _build_on_meta(AutoencoderKL, config, convert_ldm_vae_checkpoint(checkpoint, config))
+    vae.set_attn_processor(AttnProcessor())
+    return vae
+
+
+def reference_clip(path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # transformers 5 names CLIPTextModel's tensors without the "text_model." level.
+    original = read_original(path, CLIP_PREFIX)
+    state = {key[len(CLIP_PREFIX):]: value for key, value in original.items() if not key.endswith("position_ids")}
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    )
+    config._attn_implementation = "eager"
+    clip = CLIPTextModel(config).eval().requires_grad_(False)
+    assert clip.config._attn_implementation == "eager"
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    # position_ids is a buffer transformers builds itself, not a weight.
+    assert not unexpected and all(key.endswith("position_ids") for key in missing), (missing, unexpected)
+    return clip
+
+
+def reference_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(DATA / "vocab.json"), str(DATA / "merges.txt"), model_max_length=77)
+
+
+def reference_pipeline(path, scheduler):
+    """diffusers' StableDiffusionPipeline on the checkpoint's weights, with `scheduler`."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=reference_vae(path), text_encoder=reference_clip(path), tokenizer=reference_tokenizer(),
+        unet=reference_unet(path), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
