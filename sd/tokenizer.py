@@ -5,7 +5,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import CLIPTokenizer
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CONTEXT_LENGTH = 77  # the text encoder has 77 position embeddings
@@ -14,8 +13,11 @@ EOS_ID = 49407  # <|endoftext|>, also the padding token SD 1.5 was trained with
 
 
 @lru_cache(maxsize=1)
-def load_clip_tokenizer() -> CLIPTokenizer:
+def load_clip_tokenizer():
     """The BPE tokenizer from the shipped vocabulary; built once, as reading 49k tokens takes a moment."""
+    # Imported here: transformers takes seconds to import, which `sd --help` should not pay.
+    from transformers import CLIPTokenizer
+
     # transformers 5: the paths must be positional (as keywords every token becomes id 2),
     # and the context length is not read from the vocabulary files
     return CLIPTokenizer(

@@ -20,6 +20,9 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 
 def read_original(path, prefix: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors whose names start with `prefix`, under their original names."""
+    if Path(path).suffix == ".ckpt":
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        return {key: value for key, value in state.items() if key.startswith(prefix)}
     with safe_open(str(path), framework="pt") as file:
         return {key: file.get_tensor(key) for key in file.keys() if key.startswith(prefix)}
 
@@ -35,7 +38,7 @@ def _build_on_meta(model_class, config: dict, state: dict[str, torch.Tensor]):
     return model.eval().requires_grad_(False)
 
 
-def reference_unet(path):
+def reference_unet(path, plain_attention: bool = True):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
     from diffusers.models.attention_processor import AttnProcessor
@@ -43,11 +46,12 @@ def reference_unet(path):
     checkpoint = read_original(path, "model.diffusion_model.")
     config = create_unet_diffusers_config_from_ldm(original_config(), checkpoint)
     unet = _build_on_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
-    unet.set_attn_processor(AttnProcessor())
+    if plain_attention:
+        unet.set_attn_processor(AttnProcessor())
     return unet
 
 
-def reference_vae(path):
+def reference_vae(path, plain_attention: bool = True):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
     from diffusers.models.attention_processor import AttnProcessor
@@ -55,7 +59,8 @@ def reference_vae(path):
     checkpoint = read_original(path, "first_stage_model.")
     config = create_vae_diffusers_config_from_ldm(original_config(), checkpoint)
     vae = _build_on_meta(AutoencoderKL, config, convert_ldm_vae_checkpoint(checkpoint, config))
-    vae.set_attn_processor(AttnProcessor())
+    if plain_attention:
+        vae.set_attn_processor(AttnProcessor())
     return vae
 
 
@@ -84,12 +89,15 @@ def reference_tokenizer():
     return CLIPTokenizer(str(DATA / "vocab.json"), str(DATA / "merges.txt"), model_max_length=77)
 
 
-def reference_pipeline(path, scheduler):
-    """diffusers' StableDiffusionPipeline on the checkpoint's weights, with `scheduler`."""
+def reference_pipeline(path, scheduler, plain_attention: bool = True):
+    """diffusers' StableDiffusionPipeline on the checkpoint's weights, with `scheduler`.
+
+    `plain_attention=False` keeps diffusers' default (fused) attention, for benchmarks.
+    """
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=reference_vae(path), text_encoder=reference_clip(path), tokenizer=reference_tokenizer(),
-        unet=reference_unet(path), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        vae=reference_vae(path, plain_attention), text_encoder=reference_clip(path), tokenizer=reference_tokenizer(),
+        unet=reference_unet(path, plain_attention), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )

@@ -129,3 +129,11 @@ def test_small_file_lists_missing_tensors(tmp_path):
     path = write_checkpoint({"model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "partial.safetensors")
     with pytest.raises(SDError, match=r"not an SD 1.x checkpoint: tensors 1041 missing"):
         load_models(path)
+
+
+def test_ckpt_without_state_dict_wrapper_is_read(tmp_path):
+    path = tmp_path / "bare.ckpt"
+    torch.save({"model.diffusion_model.out.2.bias": torch.zeros(4)}, path)
+    # Read as a dictionary of tensors: everything but the one tensor is reported missing.
+    with pytest.raises(SDError, match=r"tensors 1041 missing"):
+        load_models(path)
