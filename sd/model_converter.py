@@ -157,7 +157,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         # weights_only refuses anything but tensors and plain containers: a pickle cannot run code here.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        raise SDError(f"refusing {path}: it holds more than tensors ({_first_line(error)}); convert it to .safetensors from a trusted source") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"it would call {found.group(1)}" if found else "it holds more than tensors"
+        raise SDError(f"refusing {path}: {what}, and a checkpoint must hold only tensors; use a .safetensors file from a trusted source") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise SDError(f"cannot read {path} ({_first_line(error)}): the file is truncated or damaged; download it again") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
