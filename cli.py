@@ -1,0 +1,294 @@
+"""The `sd` command: `sd generate --prompt "..."` renders images with Stable Diffusion 1.5."""
+
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sd import model_hash
+from sd.errors import SDError
+from sd.pipeline import DTYPES, LATENT_FACTOR, SAMPLERS, cached_models, default_checkpoint, generate, pick_device
+
+# Sampler names as AUTOMATIC1111 writes them in the metadata, so that tools that read its format know ours.
+SAMPLER_DISPLAY_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "lms": "LMS",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "unipc": "UniPC",
+}
+MIN_SIZE = 64
+MAX_SEED = 2**32 - 1
+SLUG_LENGTH = 60
+INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
+CHECKPOINT_HELP = (
+    "get SD 1.5 (v1-5-pruned-emaonly.safetensors from the Stable Diffusion 1.5 release) "
+    "and put it in data/, or pass --checkpoint PATH, or set SD_CHECKPOINT"
+)
+
+
+class Group(click.Group):
+    """Prints a user-fixable problem (SDError) as one line and exits with code 2, like a usage error."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SDError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Stable Diffusion 1.5, from scratch in PyTorch."""
+
+
+def image_size(ctx, param, size: int) -> int:
+    if size < MIN_SIZE or size % LATENT_FACTOR:
+        fit = max(MIN_SIZE, size - size % LATENT_FACTOR)
+        raise click.BadParameter(f"must be a multiple of {LATENT_FACTOR} and at least {MIN_SIZE}, got {size}: try {fit}")
+    return size
+
+
+def png_path(ctx, param, path: Path | None) -> Path | None:
+    if path is not None and path.suffix.lower() != ".png":
+        raise click.BadParameter(f"{path} must end in .png: the settings are stored in a PNG text chunk")
+    return path
+
+
+@dataclass
+class Job:
+    """One image to make: its prompt, its seed and its file."""
+
+    prompt: str
+    seed: int
+    path: Path
+
+
+@main.command("generate")
+@click.option("--prompt", help="What to draw.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A batch: one prompt per line; blank lines and lines starting with # are skipped. The model is loaded once.")
+@click.option("--negative-prompt", default="", help="What to steer away from (for every prompt).")
+@click.option("--cfg", type=click.FloatRange(min=0), default=7.5, show_default=True,
+              help="Classifier-free guidance scale: how closely to follow the prompt; 1 turns guidance off.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+              help="Seed of the first image; image i of the batch (counting every image of every prompt, from 0) "
+                   "uses seed + i. Default: a random seed, printed.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+              help="How each step removes noise.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An image to redraw (image-to-image); it is resized to --width x --height.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="With --input: how much to change it; 1 redraws it completely.")
+@click.option("--width", type=int, default=512, show_default=True, callback=image_size, help="A multiple of 8, at least 64.")
+@click.option("--height", type=int, default=512, show_default=True, callback=image_size, help="A multiple of 8, at least 64.")
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="An SD 1.x .safetensors or .ckpt. Default: $SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="auto picks CUDA, then MPS, then the CPU.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), callback=png_path,
+              help="The PNG file to write. With more than one image, -1, -2, ... goes before .png (out-1.png, out-2.png).")
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=Path),
+              help="The folder to write to, default outputs/, as INDEX-SEED-PROMPT.png (e.g. 00000-42-a-photo-of-a-cat.png). "
+                   "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
+def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, input_path, strength,
+                     width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
+    """Render images from a prompt (or a file of prompts), optionally starting from an input image.
+
+    Each PNG carries its settings in a `parameters` text chunk, in AUTOMATIC1111's format.
+    """
+    # Everything cheap is checked before the models load, so a mistake costs no waiting.
+    prompts = read_prompts(prompt, prompts_file)
+    if output is not None and outdir is not None:
+        raise click.UsageError("give --output FILE or --outdir DIR, not both")
+    device = pick_device(device)
+    checkpoint = find_checkpoint(checkpoint)
+    input_image = open_image(input_path) if input_path is not None else None
+    random_seed = seed is None
+    seed = random.randrange(MAX_SEED + 1) if random_seed else seed
+    jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
+    check_writable(jobs[0].path.parent, "--output" if output else "--outdir")
+    if not overwrite:
+        jobs = skip_existing(jobs, stop=output is not None)
+    if not jobs:
+        return
+    if random_seed:
+        click.echo(f"seed: {seed}", err=True)
+    settings = dict(negative_prompt=negative_prompt, input_image=input_image, strength=strength, cfg_scale=cfg,
+                    sampler=sampler, steps=steps, width=width, height=height, device=device)
+    saved = 0
+    try:
+        for path in render(jobs, settings, checkpoint, device, dtype):
+            saved += 1
+            click.echo(f"saved {path}")
+    except KeyboardInterrupt:
+        resume = f"; run the same command with --seed {seed} to make the rest" if output is None else ""
+        click.echo(f"\ninterrupted: {saved} of {len(jobs)} images saved{resume}", err=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+
+
+def render(jobs: list[Job], settings: dict, checkpoint: Path, device, dtype: str):
+    """Makes and saves each job's image with one model load, yielding each file once it is complete."""
+    models = load(checkpoint, device, dtype)
+    short_hash, sampling = None, 0.0
+    for job in jobs:
+        started = time.perf_counter()
+        image, = generate(job.prompt, seed=job.seed, models=models, **settings)
+        sampling += time.perf_counter() - started
+        short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
+        save_png(image, job.path, parameters(image.info["sd"], short_hash, checkpoint.stem))
+        yield job.path
+    click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give either --prompt TEXT or --prompts-file FILE")
+    if prompt is not None:
+        return [prompt]
+    try:
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SDError(f"cannot read prompts file {prompts_file} ({error}): give a UTF-8 text file, one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SDError(f"no prompts in {prompts_file}: write one prompt per line (lines starting with # are skipped)")
+    return prompts
+
+
+def find_checkpoint(checkpoint: Path | None) -> Path:
+    checkpoint = checkpoint or default_checkpoint()
+    if not checkpoint.is_file():
+        raise SDError(f"checkpoint not found: {checkpoint}; {CHECKPOINT_HELP}")
+    return checkpoint
+
+
+def open_image(path: Path) -> Image.Image:
+    """Reads the whole image now, so that a file that is not an image fails before the models load."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+        raise SDError(f"--input {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
+
+
+def plan(prompts: list[str], num_images: int, seed: int, output: Path | None, outdir: Path) -> list[Job]:
+    """Every image of the batch, in order: image k of prompt j is number i = j * num_images + k, with seed + i."""
+    total = len(prompts) * num_images
+    jobs = []
+    for index in range(total):
+        prompt = prompts[index // num_images]
+        if output is None:
+            path = outdir / f"{index:05d}-{seed + index}-{slug(prompt)}.png"
+        elif total == 1:
+            path = output
+        else:
+            path = output.with_name(f"{output.stem}-{index + 1}{output.suffix}")
+        jobs.append(Job(prompt, seed + index, path))
+    return jobs
+
+
+def slug(prompt: str) -> str:
+    """The prompt as a short file-name part: words joined by "-", e.g. "a-photo-of-a-cat"."""
+    words = re.sub(r"[\W_]+", "-", prompt.lower()).strip("-")
+    return words[:SLUG_LENGTH].rstrip("-") or "untitled"
+
+
+def check_writable(folder: Path, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SDError(f"cannot create the output folder {folder} ({error.strerror}): choose another {option}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SDError(f"cannot write to the output folder {folder}: choose another {option} or fix its permissions")
+
+
+def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
+    """The jobs whose file does not exist yet; with `stop`, an existing file is an error instead."""
+    remaining = []
+    for job in jobs:
+        if not job.path.exists():
+            remaining.append(job)
+        elif stop:
+            raise SDError(f"{job.path} exists: pass --overwrite to replace it, or choose another --output")
+        else:
+            click.echo(f"skipped, exists: {job.path}")
+    return remaining
+
+
+def load(checkpoint: Path, device, dtype: str) -> dict:
+    started = time.perf_counter()
+    try:
+        models = cached_models(checkpoint, device, DTYPES[dtype])
+    except SDError as error:
+        raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
+    except OSError as error:
+        raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
+    click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {dtype})", err=True)
+    return models
+
+
+def checkpoint_hash(checkpoint: Path) -> str:
+    if model_hash.cached_sha256(checkpoint) is None:
+        click.echo(f"hashing {checkpoint.name} for the image metadata (once: the hash is cached)", err=True)
+    try:
+        return model_hash.short_hash(checkpoint)
+    except OSError as error:
+        raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error})") from None
+
+
+def parameters(settings: dict, short_hash: str, model_name: str) -> str:
+    """The settings of an image as AUTOMATIC1111 writes them: prompt, negative prompt, then one line of fields."""
+    fields = {
+        "Steps": settings["steps"],
+        "Sampler": SAMPLER_DISPLAY_NAMES.get(settings["sampler"], settings["sampler"]),
+        "CFG scale": f"{settings['cfg_scale']:g}",
+        "Seed": settings["seed"],
+        "Size": f"{settings['width']}x{settings['height']}",
+        "Model hash": short_hash,
+        "Model": model_name,
+    }
+    if settings["strength"] is not None:
+        fields["Denoising strength"] = f"{settings['strength']:g}"
+    lines = [settings["prompt"]]
+    if settings["negative_prompt"]:
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines.append(", ".join(f"{name}: {value}" for name, value in fields.items()))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    """Writes a temporary file beside `path` and renames it over, so `path` is never half-written."""
+    metadata = PngInfo()
+    metadata.add_text("parameters", parameters)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(temporary, format="PNG", pnginfo=metadata)
+        os.replace(temporary, path)
+    except BaseException:  # a failed write or Ctrl+C: leave no temporary file behind
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The sha256 of a checkpoint (the "Model hash" of image metadata), cached so that each file is read once.
+
+The cache is a small JSON file, `model_hashes.json` in $SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or
+~/.cache/sd, keyed by the file's resolved path; an entry counts only while the file's size and
+modification time are those it was hashed at.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("sd")
+
+CHUNK_BYTES = 4 << 20  # reads of this size keep a 4 GB checkpoint out of memory without slowing the hash
+CACHE_NAME = "model_hashes.json"
+
+
+def cache_file() -> Path:
+    if os.environ.get("SD_CACHE_DIR"):
+        return Path(os.environ["SD_CACHE_DIR"]) / CACHE_NAME
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "sd" / CACHE_NAME
+
+
+def cached_sha256(path: str | Path) -> str | None:
+    """The cached hash of `path`, or None if it has not been hashed since it last changed."""
+    key, size, mtime_ns = _identity(path)
+    entry = _read_cache().get(key)
+    if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
+        return entry.get("sha256")
+    return None
+
+
+def sha256(path: str | Path) -> str:
+    """The sha256 of a file as 64 hex digits, from the cache if the file has not changed since."""
+    cached = cached_sha256(path)
+    if cached:
+        return cached
+    key, size, mtime_ns = _identity(path)
+    digest = _hash_file(Path(key))
+    _store(key, {"size": size, "mtime_ns": mtime_ns, "sha256": digest})
+    return digest
+
+
+def short_hash(path: str | Path) -> str:
+    """The first 10 hex digits of the sha256, as AUTOMATIC1111's web UI shows a model's hash."""
+    return sha256(path)[:10]
+
+
+def _identity(path: str | Path) -> tuple[str, int, int]:
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK_BYTES))
+    with open(path, "rb", buffering=0) as file:
+        while size := file.readinto(buffer):
+            digest.update(buffer[:size])
+    return digest.hexdigest()
+
+
+def _read_cache() -> dict[str, dict]:
+    try:
+        entries = json.loads(cache_file().read_text())
+    except (OSError, ValueError):  # no cache yet, or a damaged one: start afresh
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _store(key: str, entry: dict) -> None:
+    """Adds one entry, re-reading the cache first so as to keep entries that another process wrote meanwhile."""
+    path = cache_file()
+    entries = _read_cache()
+    entries[key] = entry
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(entries, indent=1))
+        os.replace(temporary, path)  # readers see the old cache or the new one, never half of one
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        log.warning("could not cache the model hash in %s (%s): it will be computed again next time", path, error.strerror)
