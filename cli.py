@@ -13,25 +13,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.errors import SDError
-from sd.pipeline import DTYPES, LATENT_FACTOR, SAMPLERS, cached_models, default_checkpoint, generate, pick_device
+from sd.pipeline import DTYPES, cached_models, check_settings, default_checkpoint, generate, pick_device
+from sd.samplers import SAMPLERS, display_name
 
-# Sampler names as AUTOMATIC1111 writes them in the metadata, so that tools that read its format know ours.
-SAMPLER_DISPLAY_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "lms": "LMS",
-    "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2s_a": "DPM++ 2S a",
-    "dpmpp_sde": "DPM++ SDE",
-    "unipc": "UniPC",
-}
-MIN_SIZE = 64
 MAX_SEED = 2**32 - 1
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
@@ -55,13 +39,6 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Stable Diffusion 1.5, from scratch in PyTorch."""
-
-
-def image_size(ctx, param, size: int) -> int:
-    if size < MIN_SIZE or size % LATENT_FACTOR:
-        fit = max(MIN_SIZE, size - size % LATENT_FACTOR)
-        raise click.BadParameter(f"must be a multiple of {LATENT_FACTOR} and at least {MIN_SIZE}, got {size}: try {fit}")
-    return size
 
 
 def png_path(ctx, param, path: Path | None) -> Path | None:
@@ -92,12 +69,15 @@ class Job:
                    "uses seed + i. Default: a random seed, printed.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
               help="How each step removes noise.")
+@click.option("--karras", is_flag=True, help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="ddim only: the share of fresh noise in each step (0 deterministic, 1 as much as DDPM).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="With --input: how much to change it; 1 redraws it completely.")
-@click.option("--width", type=int, default=512, show_default=True, callback=image_size, help="A multiple of 8, at least 64.")
-@click.option("--height", type=int, default=512, show_default=True, callback=image_size, help="A multiple of 8, at least 64.")
+@click.option("--width", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
+@click.option("--height", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="An SD 1.x .safetensors or .ckpt. Default: $SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt.")
@@ -110,7 +90,7 @@ class Job:
               help="The folder to write to, default outputs/, as INDEX-SEED-PROMPT.png (e.g. 00000-42-a-photo-of-a-cat.png). "
                    "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
-def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, input_path, strength,
+def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path, strength,
                      width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image.
 
@@ -120,6 +100,7 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     prompts = read_prompts(prompt, prompts_file)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
+    check_settings(strength, cfg, sampler, steps, width, height, num_images, karras, eta)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
     input_image = open_image(input_path) if input_path is not None else None
@@ -134,7 +115,7 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
     settings = dict(negative_prompt=negative_prompt, input_image=input_image, strength=strength, cfg_scale=cfg,
-                    sampler=sampler, steps=steps, width=width, height=height, device=device)
+                    sampler=sampler, karras=karras, eta=eta, steps=steps, width=width, height=height, device=device)
     saved = 0
     try:
         for path in render(jobs, settings, checkpoint, device, dtype):
@@ -261,13 +242,15 @@ def parameters(settings: dict, short_hash: str, model_name: str) -> str:
     """The settings of an image as AUTOMATIC1111 writes them: prompt, negative prompt, then one line of fields."""
     fields = {
         "Steps": settings["steps"],
-        "Sampler": SAMPLER_DISPLAY_NAMES.get(settings["sampler"], settings["sampler"]),
+        "Sampler": display_name(settings["sampler"], settings["karras"]),
         "CFG scale": f"{settings['cfg_scale']:g}",
         "Seed": settings["seed"],
         "Size": f"{settings['width']}x{settings['height']}",
         "Model hash": short_hash,
         "Model": model_name,
     }
+    if settings["eta"]:
+        fields["Eta"] = f"{settings['eta']:g}"
     if settings["strength"] is not None:
         fields["Denoising strength"] = f"{settings['strength']:g}"
     lines = [settings["prompt"]]

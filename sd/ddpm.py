@@ -1,83 +1,82 @@
-"""The DDPM sampler (Ho et al. 2020) with SD 1.5's settings: ancestral steps through the posterior."""
+"""The DDPM family: samplers that walk whole training timesteps on the latents as the U-Net sees them,
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, from its noise estimate.
+
+Each takes `predict_noise(x_t, t)`, the latents at the first timestep, the `timesteps` (n,) to visit and
+`alpha_bars` (n + 1,): abar at each of them and after the last step, and returns the latents after the last step.
+"""
+
+from collections.abc import Callable
 
 import torch
+from tqdm.auto import trange
 
-from sd.schedule import STEPS_OFFSET, NoiseSchedule, leading_timesteps, timesteps_for_strength
+NoisePredictor = Callable[[torch.Tensor, float], torch.Tensor]  # (latents as the U-Net sees them, timestep) -> noise
+NoiseSource = Callable[[torch.Tensor], torch.Tensor]  # standard normal noise shaped like its argument
 
 
-class DDPMSampler:
-    """Each step predicts the clean latents from the model's noise estimate, then draws the latents of the
-    previous timestep from the posterior q(x_prev | x_t, x0); the noise comes from `generator`."""
+def predict_original(x: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The clean latents implied by the noise estimate (Ho et al. 2020, eq. 15)."""
+    return (x - (1 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()
 
-    def __init__(
-        self,
-        generator: torch.Generator,
-        num_training_steps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-    ):
-        self.generator = generator
-        self.schedule = NoiseSchedule.scaled_linear(num_training_steps, beta_start, beta_end)
-        self.set_inference_timesteps(50)
 
-    def set_inference_timesteps(self, num_inference_steps: int = 50) -> None:
-        """Walk `num_inference_steps` evenly spaced timesteps, e.g. 981, 961, ..., 1 for 50."""
-        self.timesteps = leading_timesteps(num_inference_steps, self.schedule.num_training_steps)  # (n,)
-        self.num_inference_steps = num_inference_steps
-        self.stride = self.schedule.num_training_steps // num_inference_steps
+def ddim_step(x: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_next: torch.Tensor, std: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """x at the next noise level: the predicted x0 there plus the estimated noise, less the `std` of fresh noise
+    the caller adds (Song et al. 2021, eq. 12)."""
+    return alpha_bar_next.sqrt() * predict_original(x, noise, alpha_bar) + (1 - alpha_bar_next - std**2).sqrt() * noise
 
-    def set_strength(self, strength: float) -> None:
-        """For image-to-image: keep only the last `strength` share of the steps (at least one)."""
-        all_timesteps = leading_timesteps(self.num_inference_steps, self.schedule.num_training_steps)
-        self.timesteps = timesteps_for_strength(all_timesteps, strength)
 
-    def add_noise(
-        self, original_samples: torch.Tensor, timesteps: int | torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """Noise clean latents up to `timesteps` (one per sample, or one for the batch)."""
-        return self.schedule.add_noise(original_samples, timesteps, noise)
-
-    def step(
-        self,
-        timestep: int,
-        latents: torch.Tensor,
-        model_output: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Latents at the previous timestep, from those at `timestep` and the predicted noise `model_output`.
-
-        `noise` replaces the draw from the generator (for tests)."""
-        timestep = int(timestep)
-        alpha_bar = self.schedule.alpha_bar(timestep)
-        alpha_bar_prev = self.schedule.alpha_bar(self.previous_timestep(timestep))
-        # alpha and beta of the whole stride t -> prev, which spans several training steps
-        alpha = alpha_bar / alpha_bar_prev
+def sample_ddpm(predict_noise: NoisePredictor, x: torch.Tensor, timesteps: torch.Tensor, alpha_bars: torch.Tensor, draw_noise: NoiseSource, progress: bool = True) -> torch.Tensor:
+    """DDPM (Ho et al. 2020): each step draws x at the next timestep from the posterior q(x_next | x_t, x0) around
+    the predicted x0, with its "fixed small" variance."""
+    for i in trange(len(timesteps), disable=not progress):
+        alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+        # alpha and beta of the whole stride, which spans several training steps
+        alpha = alpha_bar / alpha_bar_next
         beta = 1 - alpha
+        original = predict_original(x, predict_noise(x, timesteps[i].item()), alpha_bar)  # (B, 4, h, w)
+        # the posterior's mean (eq. 7) and variance; the variance is 0 on the last step, which lands on the
+        # clean image, but the draw is kept so the generator stays in step with diffusers'
+        original_coeff = alpha_bar_next.sqrt() * beta / (1 - alpha_bar)
+        latents_coeff = alpha.sqrt() * (1 - alpha_bar_next) / (1 - alpha_bar)
+        variance = (1 - alpha_bar_next) / (1 - alpha_bar) * beta
+        x = original_coeff * original + latents_coeff * x + variance.sqrt() * draw_noise(x)  # (B, 4, h, w)
+    return x
 
-        # x0 implied by the predicted noise (Ho et al. eq. 15)
-        pred_original = (latents - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()  # (B, 4, H, W)
-        # mean of the posterior q(x_prev | x_t, x0) (eq. 7)
-        original_coeff = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
-        latents_coeff = alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        prev_latents = original_coeff * pred_original + latents_coeff * latents  # (B, 4, H, W)
-        if timestep == 0:
-            return prev_latents
 
-        # the posterior's variance ("fixed_small"); it is 0 on the last step, where the clamp leaves
-        # a negligible draw that keeps the generator in step with diffusers'
-        variance = ((1 - alpha_bar_prev) / (1 - alpha_bar) * beta).clamp(min=1e-20)
-        if noise is None:
-            noise = self.draw_noise(model_output)
-        return prev_latents + variance.sqrt() * noise  # (B, 4, H, W)
+def sample_ddim(predict_noise: NoisePredictor, x: torch.Tensor, timesteps: torch.Tensor, alpha_bars: torch.Tensor, draw_noise: NoiseSource, eta: float = 0.0, progress: bool = True) -> torch.Tensor:
+    """DDIM (Song et al. 2021): deterministic steps along the noise estimate for eta 0; eta 1 draws as much fresh
+    noise as DDPM's posterior, which it then equals."""
+    for i in trange(len(timesteps), disable=not progress):
+        alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+        noise = predict_noise(x, timesteps[i].item())  # (B, 4, h, w)
+        # eq. 16: the standard deviation of the fresh noise, eta times that of DDPM's posterior
+        std = eta * ((1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next)).sqrt()
+        x = ddim_step(x, noise, alpha_bar, alpha_bar_next, std)
+        if eta > 0:
+            x = x + std * draw_noise(x)
+    return x
 
-    def previous_timestep(self, timestep: int) -> int:
-        """The next timestep to visit, or -1 (the clean image) after the last one."""
-        prev = timestep - self.stride
-        # the last timestep is 1 (STEPS_OFFSET); below it, with a stride of 1, would be 0, not the clean image
-        return prev if prev >= STEPS_OFFSET else -1
 
-    def draw_noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like `like`, drawn where the generator lives so a seed gives the
-        same image on every device."""
-        noise = torch.randn(like.shape, generator=self.generator, device=self.generator.device, dtype=like.dtype)
-        return noise.to(like.device)
+# Adams-Bashforth weights of orders 1 to 4 for the last noise estimates, newest first
+ADAMS_BASHFORTH = [[1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
+
+
+def sample_plms(predict_noise: NoisePredictor, x: torch.Tensor, timesteps: torch.Tensor, alpha_bars: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, pseudo linear multistep; SD's original default): DDIM steps along an Adams-Bashforth
+    blend of the last four noise estimates, fourth order at one model call a step.
+
+    The first step has no history: it averages its estimate with one at the end of a trial DDIM step (a second
+    model call, as in diffusers' PNDMScheduler with skip_prk_steps), unless it is also the last."""
+    history = []  # noise estimates of the last three steps, oldest first
+    for i in trange(len(timesteps), disable=not progress):
+        alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+        noise = predict_noise(x, timesteps[i].item())  # (B, 4, h, w)
+        if not history and i + 1 < len(timesteps):
+            trial = ddim_step(x, noise, alpha_bar, alpha_bar_next)
+            blend = (noise + predict_noise(trial, timesteps[i + 1].item())) / 2
+        else:
+            recent = [noise, *reversed(history)]
+            blend = sum(weight * estimate for weight, estimate in zip(ADAMS_BASHFORTH[len(recent) - 1], recent))
+        history = [*history, noise][-3:]
+        x = ddim_step(x, blend, alpha_bar, alpha_bar_next)
+    return x

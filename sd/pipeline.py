@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from .errors import SDError
 from .model_loader import load_models
-from .samplers import SAMPLERS, sample
+from .samplers import SAMPLERS, check_options, sample
+from .schedule import SD15, check_steps
 from .tokenizer import encode
 
 log = logging.getLogger("sd")
@@ -44,12 +45,14 @@ def generate(
     dtype: torch.dtype | str | None = None,
     latents: torch.Tensor | None = None,
     progress: bool = True,
+    karras: bool = False,
+    eta: float = 0.0,
 ) -> list[Image.Image]:
     """Renders `num_images` images of `prompt`; with `input_image`, redraws that image (image-to-image).
 
     Each image's `info["sd"]` holds the settings that made it, the seed included.
     """
-    _check_settings(strength, cfg_scale, sampler, steps, width, height, num_images)
+    check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta)
     device = pick_device(device)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
     if models is None:
@@ -72,13 +75,14 @@ def generate(
             # (2B or B, 77) -> (2B or B, 77, 768)
             context = clip(encode(prompts).to(device))
 
-        noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
         image_latents = None
         if image is not None:
             with on_device(models["encoder"], device, idle_device) as encoder:
                 encoder_noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
                 # (1, 3, H, W) -> (B, 4, H / 8, W / 8)
                 image_latents = encoder(image.to(device, dtype).expand(num_images, -1, -1, -1), encoder_noise).float()
+        # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
+        noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
 
         with on_device(models["diffusion"], device, idle_device) as unet:
 
@@ -90,28 +94,29 @@ def generate(
                 uncond, cond = predicted.chunk(2)
                 return uncond + cfg_scale * (cond - uncond)
 
-            x = sample(sampler, predict_noise, noise, steps, generator, image_latents, strength, progress)
+            x = sample(sampler, predict_noise, noise, steps, generator, image_latents, strength, progress, karras=karras, eta=eta)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
             pixels = decoder(x.to(dtype)).float()
 
     settings = dict(
-        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-        seed=seed, width=width, height=height, strength=strength if image is not None else None,
+        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, eta=eta,
+        cfg_scale=cfg_scale, seed=seed, width=width, height=height, strength=strength if image is not None else None,
     )
     return [to_pil(p, settings) for p in pixels]
 
 
-def _check_settings(strength, cfg_scale, sampler, steps, width, height, num_images) -> None:
+def check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras=False, eta=0.0) -> None:
+    """Refuses settings that cannot work, before any model runs."""
     if not 0 < strength <= 1:
         raise SDError(f"strength must be in (0, 1], got {strength}: 1 redraws the image completely, small values keep it")
     if cfg_scale < 0:
         raise SDError(f"cfg scale must be 0 or more, got {cfg_scale}: 7.5 is usual, 1 turns guidance off")
     if sampler not in SAMPLERS:
         raise SDError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise SDError(f"steps must be at least 1, got {steps}")
+    check_options(sampler, karras, eta)
+    check_steps(steps, SD15.num_training_steps)
     for name, size in (("width", width), ("height", height)):
         if size < 64 or size % LATENT_FACTOR:
             fit = max(64, size - size % LATENT_FACTOR)

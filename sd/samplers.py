@@ -1,38 +1,111 @@
 """Every sampler behind one call, so the pipeline never changes when a sampler is added.
 
-A sampler gets `predict_noise(latents, timestep) -> noise`, the U-Net with guidance applied,
-and walks from pure noise (or a noised input image) to clean latents.
+A sampler gets `predict_noise(latents, timestep) -> noise`, the U-Net with guidance applied, and walks from
+pure noise (or a noised input image) to clean latents. Two families: the DDPM family (sd/ddpm.py) walks whole
+training timesteps on the U-Net's own view of the latents; the k-diffusion family (sd/sampling.py) walks noise
+levels sigma, through a Denoiser. Each sampler's steps, starting noise and image-to-image start are those of
+the diffusers scheduler of the same name with SD 1.5's configuration.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from .ddpm import DDPMSampler
+from .ddpm import NoisePredictor, sample_ddim, sample_ddpm, sample_plms
+from .errors import SDError
+from .sampling import Denoiser, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun, sample_lms, sample_unipc
+from .schedule import SD15, SigmaSchedule, dpm_solver_schedule, euler_schedule, first_step, leading_timesteps
 
-NoisePredictor = Callable[[torch.Tensor, float], torch.Tensor]
+@dataclass(frozen=True)
+class TimestepSampler:
+    """A DDPM-family sampler on SD 1.5's leading timesteps (981, 961, ..., 1 for 50 steps)."""
 
+    function: Callable
+    a1111_name: str
+    final_timestep: int  # where the last step lands: -1, the clean image, or 0, the least noise trained on
+    stochastic: bool = False  # draws fresh noise as it goes
 
-def sample_ddpm(predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True) -> torch.Tensor:
-    sampler = DDPMSampler(generator)
-    sampler.set_inference_timesteps(steps)
-    if image_latents is None:
-        x = noise
-    else:
-        sampler.set_strength(strength)
-        x = sampler.add_noise(image_latents, sampler.timesteps[0], noise)
-    for timestep in tqdm(sampler.timesteps.tolist(), disable=not progress, desc="sampling", unit="step"):
-        x = sampler.step(timestep, x, predict_noise(x, timestep))
-    return x
-
-
-# name -> (function, the name AUTOMATIC1111 writes in PNG metadata)
-SAMPLERS = {"ddpm": (sample_ddpm, "DDPM")}
+    def __call__(self, predict_noise, noise, timesteps, image_latents, **options) -> torch.Tensor:
+        alpha_bars = torch.stack([SD15.alpha_bar(t) for t in [*timesteps.tolist(), self.final_timestep]])  # (n + 1,)
+        # unit-variance noise is what the U-Net expects at its noisiest
+        x = noise if image_latents is None else SD15.add_noise(image_latents, timesteps[0], noise)
+        return self.function(predict_noise, x, timesteps, alpha_bars, **options)
 
 
-def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True) -> torch.Tensor:
+@dataclass(frozen=True)
+class SigmaSampler:
+    """A k-diffusion-family sampler on its schedule of noise levels, optionally Karras's."""
+
+    function: Callable
+    a1111_name: str
+    schedule: Callable[[int, bool], SigmaSchedule]
+    # pure noise starts at the variance x0 + sigma * noise has, sigma^2 + 1, as diffusers' DPM-Solver and UniPC
+    # start; else at sigma^2, leaving out x0's, as its Euler-type schedulers and k-diffusion start
+    unit_variance_start: bool = False
+    stochastic: bool = False  # draws fresh noise as it goes
+
+    def __call__(self, predict_noise, noise, schedule, image_latents, **options) -> torch.Tensor:
+        sigma = schedule.sigmas[0]
+        if image_latents is not None:
+            x = image_latents + noise * sigma
+        else:
+            x = noise * ((sigma**2 + 1) ** 0.5 if self.unit_variance_start else sigma)
+        return self.function(Denoiser(predict_noise, schedule), x, schedule.sigmas, **options)
+
+
+SAMPLERS = {
+    "ddpm": TimestepSampler(sample_ddpm, "DDPM", final_timestep=-1, stochastic=True),
+    "ddim": TimestepSampler(sample_ddim, "DDIM", final_timestep=0, stochastic=True),
+    "pndm": TimestepSampler(sample_plms, "PLMS", final_timestep=0),
+    "lms": SigmaSampler(sample_lms, "LMS", euler_schedule),
+    "euler": SigmaSampler(sample_euler, "Euler", euler_schedule),
+    "euler_a": SigmaSampler(sample_euler_ancestral, "Euler a", euler_schedule, stochastic=True),
+    "heun": SigmaSampler(sample_heun, "Heun", euler_schedule),
+    "dpmpp_2m": SigmaSampler(sample_dpmpp_2m, "DPM++ 2M", dpm_solver_schedule, unit_variance_start=True),
+    "unipc": SigmaSampler(sample_unipc, "UniPC", dpm_solver_schedule, unit_variance_start=True),
+}
+
+
+def display_name(name: str, karras: bool) -> str:
+    """The sampler's name as AUTOMATIC1111 writes it in PNG metadata, e.g. "DPM++ 2M Karras"."""
+    return SAMPLERS[name].a1111_name + " Karras" * karras
+
+
+def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0) -> torch.Tensor:
     """Clean latents (B, 4, h, w) from unit-variance `noise` of the same shape, or from `image_latents` noised
-    to `strength` (image-to-image). Extra noise the sampler needs comes from `generator`."""
-    function, _ = SAMPLERS[name]
-    return function(predict_noise, noise, steps, generator, image_latents, strength, progress)
+    to `strength` (image-to-image). `karras` spaces a sigma sampler's steps as Karras et al. do; `eta` is DDIM's
+    share of fresh noise. Extra noise the sampler needs comes from `generator`."""
+    sampler = SAMPLERS[name]
+    check_options(name, karras, eta)
+    start = 0 if image_latents is None else first_step(steps, strength)
+    options = {"progress": progress}
+    if sampler.stochastic:
+        options["draw_noise"] = noise_source(generator)
+    if name == "ddim":
+        options["eta"] = eta
+    if isinstance(sampler, SigmaSampler):
+        schedule = sampler.schedule(steps, karras).from_step(start)
+        return sampler(predict_noise, noise, schedule, image_latents, **options)
+    return sampler(predict_noise, noise, leading_timesteps(steps)[start:], image_latents, **options)
+
+
+def check_options(name: str, karras: bool, eta: float) -> None:
+    """Refuses options the sampler has no use for, before any work."""
+    if karras and not isinstance(SAMPLERS[name], SigmaSampler):
+        sigma_samplers = ", ".join(key for key, sampler in SAMPLERS.items() if isinstance(sampler, SigmaSampler))
+        raise SDError(f"karras sigmas need a sampler that walks noise levels, and {name} walks timesteps: use one of {sigma_samplers}, or leave karras off")
+    if eta and name != "ddim":
+        raise SDError(f"eta applies to the ddim sampler only, not {name}: use sampler ddim or leave eta at 0")
+    if not 0 <= eta <= 1:
+        raise SDError(f"eta must be between 0 (deterministic DDIM) and 1 (as much fresh noise as DDPM), got {eta}")
+
+
+def noise_source(generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    def draw_noise(like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like `like`, drawn where the generator lives so that a seed gives the
+        same image on every device, and in diffusers' order so that it gives diffusers' image."""
+        noise = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
+        return noise.to(like.device)
+
+    return draw_noise

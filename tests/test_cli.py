@@ -91,11 +91,14 @@ def assert_clean_failure(result, expected: str):
         (["--prompt", "x", "--prompts-file", "prompts.txt"], "give either --prompt TEXT or --prompts-file FILE"),
         (["--prompt", "x", "--strength", "0"], "'--strength': 0.0 is not in the range 0<x<=1"),
         (["--prompt", "x", "--strength", "1.5"], "'--strength': 1.5 is not in the range 0<x<=1"),
-        (["--prompt", "x", "--width", "100"], "'--width': must be a multiple of 8 and at least 64, got 100: try 96"),
-        (["--prompt", "x", "--height", "56"], "'--height': must be a multiple of 8 and at least 64, got 56: try 64"),
+        (["--prompt", "x", "--width", "100"], "error: width must be a multiple of 8 and at least 64, got 100: try 96"),
+        (["--prompt", "x", "--height", "56"], "error: height must be a multiple of 8 and at least 64, got 56: try 64"),
         (["--prompt", "x", "--steps", "0"], "'--steps': 0 is not in the range x>=1"),
         (["--prompt", "x", "--cfg", "-1"], "'--cfg': -1.0 is not in the range x>=0"),
         (["--prompt", "x", "--sampler", "nope"], "'--sampler': 'nope' is not"),
+        (["--prompt", "x", "--steps", "1000"], "error: steps must be between 1 and 999, got 1000"),
+        (["--prompt", "x", "--sampler", "pndm", "--karras"], "error: karras sigmas need a sampler that walks noise levels"),
+        (["--prompt", "x", "--sampler", "euler", "--eta", "0.3"], "error: eta applies to the ddim sampler only"),
         (["--prompt", "x", "--seed", "-1"], "'--seed': -1 is not in the range"),
         (["--prompt", "x", "--output", "a.png", "--outdir", "b"], "give --output FILE or --outdir DIR, not both"),
         (["--prompt", "x", "--output", "a.jpg"], "a.jpg must end in .png"),
@@ -148,7 +151,7 @@ def bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
         "truncated .ckpt": (folder / "truncated.ckpt", "truncated"),
         "truncated .safetensors": (folder / "truncated.safetensors", "truncated"),
         "empty .safetensors": (folder / "empty.safetensors", "truncated"),
-        "pickle with more than tensors": (folder / "pickled.ckpt", "holds more than tensors"),
+        "pickle with more than tensors": (folder / "pickled.ckpt", "it would call argparse.Namespace, and a checkpoint must hold only tensors"),
         "SDXL": (folder / "sdxl.safetensors", "this is an SDXL checkpoint, not SD 1.x"),
         "not SD at all": (folder / "whole.safetensors", "not an SD 1.x checkpoint: tensors"),
     }
@@ -206,7 +209,7 @@ def test_image_to_image_with_a_random_seed(safetensors_checkpoint, tmp_path):
     gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
     Image.fromarray(gradient).save("input.png")
     result = sd("--prompt", "a painting", "--input", "input.png", "--strength", 0.5, "--num-images", 2,
-                "--output", "painting.png", "--checkpoint", safetensors_checkpoint, *SMALL)
+                "--sampler", "dpmpp_2m", "--karras", "--output", "painting.png", "--checkpoint", safetensors_checkpoint, *SMALL)
     assert result.exit_code == 0, result.output
     seed = int(result.stderr.split("seed: ", 1)[1].split()[0])
     assert sorted(p.name for p in tmp_path.glob("painting*")) == ["painting-1.png", "painting-2.png"]
@@ -214,6 +217,7 @@ def test_image_to_image_with_a_random_seed(safetensors_checkpoint, tmp_path):
         fields = read_parameters(Path(f"painting-{number}.png"))
         assert "negative" not in fields  # no "Negative prompt:" line for an empty one, as in A1111
         assert fields["Denoising strength"] == "0.5"
+        assert fields["Sampler"] == "DPM++ 2M Karras"
         assert fields["Seed"] == str(seed + number - 1)
 
 

@@ -1,8 +1,9 @@
-"""generate() gives the image of diffusers' StableDiffusionPipeline on the same weights and latents.
+"""generate() gives the image of diffusers' StableDiffusionPipeline on the same weights and latents, with each
+sampler and the matching diffusers scheduler, and that of StableDiffusionImg2ImgPipeline from the same image.
 
 Tolerance: at most 1/255 per pixel (one step of 8-bit rounding): the models agree to ~1e-5
-relative (test_parity), which moves a pixel by far less than one level, except where a value
-lands right on a rounding boundary.
+relative (test_parity) and the samplers to ~1e-6 (test_samplers), which moves a pixel by far less than one
+level, except where a value lands right on a rounding boundary.
 """
 
 import gc
@@ -10,6 +11,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from reference import reference_pipeline
 
 from sd import generate, load_models
@@ -18,6 +20,9 @@ SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
 )
+
+
+PROMPT = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +36,68 @@ def both(safetensors_checkpoint):
     gc.collect()
 
 
-def test_ddpm_text_to_image_matches_diffusers(both):
-    ours, reference = both
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
-    settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", steps=3)
-    # Both draw the DDPM steps' noise from a CPU generator seeded alike, in the same order.
-    expected = reference(
-        settings["prompt"], negative_prompt=settings["negative_prompt"], num_inference_steps=3, guidance_scale=7.5,
-        height=64, width=64, latents=latents.clone(), generator=torch.Generator().manual_seed(5), output_type="np",
-    ).images[0]
-    actual = generate(**settings, cfg_scale=7.5, width=64, height=64, seed=5, latents=latents, models=ours, progress=False)[0]
+def assert_same_image(actual, expected: np.ndarray, label: str) -> None:
     # Random weights still give a varied image, not one clipped flat to black or white.
     unclipped = ((expected > 0.01) & (expected < 0.99)).mean()
     assert unclipped > 0.5 and expected.std() > 0.05, (unclipped, expected.std())
     difference = np.abs(np.asarray(actual, dtype=np.float64) - np.round(expected * 255)).max()
-    print(f"DDPM pipeline: max pixel difference {difference:.0f}/255")
+    print(f"{label}: max pixel difference {difference:.0f}/255")
     assert difference <= 1
+
+
+def test_ddpm_text_to_image_matches_diffusers(both):
+    ours, reference = both
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    # Both draw the DDPM steps' noise from a CPU generator seeded alike, in the same order.
+    expected = reference(
+        **PROMPT, num_inference_steps=3, guidance_scale=7.5,
+        height=64, width=64, latents=latents.clone(), generator=torch.Generator().manual_seed(5), output_type="np",
+    ).images[0]
+    actual = generate(**PROMPT, steps=3, cfg_scale=7.5, width=64, height=64, seed=5, latents=latents, models=ours, progress=False)[0]
+    assert_same_image(actual, expected, "DDPM pipeline")
+
+
+def scheduler(name: str, karras: bool = False):
+    import diffusers
+
+    schedulers = dict(
+        ddim="DDIMScheduler", pndm="PNDMScheduler", lms="LMSDiscreteScheduler", euler="EulerDiscreteScheduler",
+        heun="HeunDiscreteScheduler", dpmpp_2m="DPMSolverMultistepScheduler", unipc="UniPCMultistepScheduler",
+    )
+    return getattr(diffusers, schedulers[name]).from_config(SD15_SCHEDULER, **({"use_karras_sigmas": True} if karras else {}))
+
+
+@pytest.mark.parametrize(
+    "name, karras",
+    [("ddim", False), ("pndm", False), ("lms", False), ("euler", False), ("heun", False), ("dpmpp_2m", False),
+     ("unipc", False), ("dpmpp_2m", True)],
+)
+def test_text_to_image_matches_diffusers(both, name, karras):
+    from diffusers import StableDiffusionPipeline
+
+    ours, reference = both
+    pipeline = StableDiffusionPipeline(**{**reference.components, "scheduler": scheduler(name, karras)})
+    # unit-variance latents, which each side scales to its sampler's starting noise
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    expected = pipeline(
+        **PROMPT, num_inference_steps=4, guidance_scale=7.5, height=64, width=64, latents=latents.clone(), output_type="np",
+    ).images[0]
+    actual = generate(**PROMPT, sampler=name, karras=karras, steps=4, cfg_scale=7.5, width=64, height=64, latents=latents, models=ours, progress=False)[0]
+    assert_same_image(actual, expected, f"{name}{' karras' * karras} pipeline")
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_image_to_image_matches_diffusers(both, name):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ours, reference = both
+    pipeline = StableDiffusionImg2ImgPipeline(**{**reference.components, "scheduler": scheduler(name)})
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(np.clip(pixels // 2 + np.linspace(0, 127, 64, dtype=np.uint8)[:, None, None], 0, 255))
+    # Both draw the encoder's noise, then the noise added to the image, from a CPU generator seeded alike.
+    expected = pipeline(
+        **PROMPT, image=image, strength=0.6, num_inference_steps=4, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(5), output_type="np",
+    ).images[0]
+    actual = generate(**PROMPT, input_image=image, strength=0.6, sampler=name, steps=4, cfg_scale=7.5, width=64, height=64, seed=5, models=ours, progress=False)[0]
+    assert_same_image(actual, expected, f"{name} image-to-image pipeline")
