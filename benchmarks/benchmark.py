@@ -29,7 +29,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
     """This process's peak resident memory. VmHWM rather than getrusage: a child's ru_maxrss
     starts from its parent's at fork, and our parent held the whole checkpoint when writing it."""
     status = Path("/proc/self/status").read_text()
@@ -105,7 +105,45 @@ def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, 
     return {"total_s": total, "unet_step_s": sorted(unet_seconds)[len(unet_seconds) // 2], "unet_steps": len(unet_seconds)}
 
 
-WORKERS = {"load": worker_load, "generate": worker_generate}
+def timed(function, repeat: int) -> dict:
+    """Min and median seconds of `repeat` calls, after one warm-up call (which pages the weights in)."""
+    function()
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    seconds.sort()
+    return {"min": seconds[0], "median": seconds[len(seconds) // 2]}
+
+
+def worker_components(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
+    """Each stage alone: text encoding, one guided U-Net step (batch 2), VAE decode and encode (batch 1)."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
+    context = torch.randn(2, 77, 768, generator=generator).to(dtype)
+    image = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(dtype)
+    tokens = torch.randint(0, 49406, (2, 77), generator=generator)
+    if impl == "sd":
+        models = load_sd(checkpoint, dtype)
+        stages = {
+            "clip": lambda: models["clip"](tokens),
+            "unet_step": lambda: models["diffusion"](latents, context, 500),
+            "vae_decode": lambda: models["decoder"](latents[:1]),
+            "vae_encode": lambda: models["encoder"](image, latents[:1]),
+        }
+    else:
+        pipe = load_diffusers(checkpoint, dtype)
+        stages = {
+            "clip": lambda: pipe.text_encoder(tokens),
+            "unet_step": lambda: pipe.unet(latents, 500, encoder_hidden_states=context),
+            "vae_decode": lambda: pipe.vae.decode(latents[:1]),
+            "vae_encode": lambda: pipe.vae.encode(image).latent_dist.sample(generator),
+        }
+    return {f"{stage}_s": timed(function, repeat) for stage, function in stages.items()}
+
+
+WORKERS = {"load": worker_load, "generate": worker_generate, "components": worker_components}
 
 
 def run_worker(spec: dict) -> dict:
@@ -113,7 +151,7 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(0)
     with torch.inference_mode():
         result = WORKERS[spec["group"]](**spec)
-    return {**result, "peak_rss_gb": peak_rss_gb()}
+    return {**result, "peak_rss_gib": peak_rss_gib()}
 
 
 # ---- the driver ----
@@ -135,6 +173,8 @@ def plan(args, files: dict[str, Path]) -> list[dict]:
             if "load" in args.only:
                 for suffix, path in files.items():
                     specs.append(dict(group="load", impl=impl, dtype=dtype, format=suffix, checkpoint=str(path)))
+            if "components" in args.only:
+                specs.append(dict(group="components", impl=impl, dtype=dtype, size=args.size, repeat=args.repeat, checkpoint=str(files[".safetensors"])))
             if "generate" in args.only:
                 for strength in (None, 0.6):
                     specs.append(dict(group="generate", impl=impl, dtype=dtype, size=args.size, steps=args.steps, strength=strength, checkpoint=str(files[".safetensors"])))
@@ -145,25 +185,31 @@ def row_key(result: dict) -> tuple:
     return tuple((k, v) for k, v in result.items() if k in ("group", "dtype", "format", "size", "steps", "strength"))
 
 
+def median(figure):
+    """A figure, or the median of a timed one."""
+    return figure["median"] if isinstance(figure, dict) else figure
+
+
 def print_table(results: list[dict]) -> None:
     by_key = {}
     for result in results:
         by_key.setdefault(row_key(result), {})[result["impl"]] = result
-    print(f"\n{'measurement':52} {'figure':12} {'sd':>9} {'diffusers':>10} {'sd/diff':>8}")
+    print(f"\n{'measurement':52} {'figure':12} {'sd':>9} {'diffusers':>10} {'sd/diff':>8}  (medians)")
     for key, pair in by_key.items():
         label = " ".join(f"{v}" for k, v in key if v is not None and k != "group")
         label = f"{dict(key)['group']} {label}"
-        for figure in ("load_s", "total_s", "unet_step_s", "peak_rss_gb"):
-            if figure in pair.get("sd", {}):
-                ours, theirs = pair["sd"][figure], pair.get("diffusers", {}).get(figure)
-                ratio = f"{ours / theirs:8.2f}" if theirs else ""
-                print(f"{label:52} {figure:12} {ours:9.2f} {theirs if theirs is None else f'{theirs:10.2f}'} {ratio}")
+        for figure in pair.get("sd", {}):
+            if figure.endswith(("_s", "_gib")):
+                ours, theirs = (median(side.get(figure)) for side in (pair["sd"], pair.get("diffusers", {})))
+                reference = f"{theirs:10.2f} {ours / theirs:8.2f}" if theirs else f"{'-':>10}"
+                print(f"{label:52} {figure:12} {ours:9.2f} {reference}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", default=["load", "generate"], choices=["load", "generate"])
+    parser.add_argument("--only", nargs="+", default=list(WORKERS), choices=list(WORKERS))
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
