@@ -22,5 +22,8 @@ run: $(BIN)/sd
 test: $(BIN)/sd
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+bench: $(BIN)/sd
+	$(BIN)/python benchmarks/benchmark.py $(ARGS)
+
 clean:
 	rm -rf $(VENV)

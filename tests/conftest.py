@@ -27,3 +27,14 @@ def safetensors_checkpoint(checkpoint_files):
 @pytest.fixture(scope="session")
 def ckpt_checkpoint(checkpoint_files):
     return checkpoint_files[".ckpt"]
+
+
+@pytest.fixture(scope="module")
+def models(safetensors_checkpoint):
+    """Our models from the random checkpoint, loaded once per test file and freed after it (4.3 GB)."""
+    from sd import load_models
+
+    loaded = load_models(safetensors_checkpoint)
+    yield loaded
+    del loaded
+    gc.collect()

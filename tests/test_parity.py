@@ -32,15 +32,7 @@ def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None
     assert error <= RELATIVE_TOLERANCE * scale, f"{what}: {error} > {RELATIVE_TOLERANCE} * {scale}"
 
 
-@pytest.fixture(scope="module")
-def ours(safetensors_checkpoint):
-    models = load_models(safetensors_checkpoint)
-    yield models
-    del models
-    gc.collect()
-
-
-def test_unet_matches_diffusers(ours, safetensors_checkpoint):
+def test_unet_matches_diffusers(models, safetensors_checkpoint):
     reference = reference_unet(safetensors_checkpoint)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, 16, 16, generator=generator)
@@ -48,9 +40,9 @@ def test_unet_matches_diffusers(ours, safetensors_checkpoint):
     timesteps = torch.tensor([981, 1])
     with torch.no_grad():
         expected = reference(latents, timesteps, encoder_hidden_states=context).sample
-        actual = ours["diffusion"](latents, context, timesteps)
+        actual = models["diffusion"](latents, context, timesteps)
         # An int time step is the same for the whole batch.
-        actual_int = ours["diffusion"](latents[:1], context[:1], 981)
+        actual_int = models["diffusion"](latents[:1], context[:1], 981)
     del reference
     gc.collect()
     assert_close(actual, expected, "U-Net")
@@ -65,7 +57,7 @@ def vae(safetensors_checkpoint):
     gc.collect()
 
 
-def test_vae_encoder_matches_diffusers(ours, vae):
+def test_vae_encoder_matches_diffusers(models, vae):
     generator = torch.Generator().manual_seed(2)
     image = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
     noise = torch.randn(2, 4, 8, 8, generator=generator)
@@ -73,20 +65,20 @@ def test_vae_encoder_matches_diffusers(ours, vae):
         posterior = vae.encode(image).latent_dist
         # The same sample as ours: mean + std * the injected noise, then the SD 1.5 scale factor.
         expected = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
-        actual = ours["encoder"](image, noise)
+        actual = models["encoder"](image, noise)
     assert vae.config.scaling_factor == 0.18215
     assert_close(actual, expected, "VAE encoder")
 
 
-def test_vae_decoder_matches_diffusers(ours, vae):
+def test_vae_decoder_matches_diffusers(models, vae):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = vae.decode(latents / vae.config.scaling_factor).sample
-        actual = ours["decoder"](latents)
+        actual = models["decoder"](latents)
     assert_close(actual, expected, "VAE decoder")
 
 
-def test_clip_matches_transformers(ours, safetensors_checkpoint):
+def test_clip_matches_transformers(models, safetensors_checkpoint):
     reference = reference_clip(safetensors_checkpoint)
     generator = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, 49406, (2, 77), generator=generator)
@@ -94,13 +86,13 @@ def test_clip_matches_transformers(ours, safetensors_checkpoint):
     tokens[0, 10:] = 49407
     with torch.no_grad():
         expected = reference(input_ids=tokens).last_hidden_state
-        actual = ours["clip"](tokens)
+        actual = models["clip"](tokens)
     assert_close(actual, expected, "CLIP")
 
 
-def test_ckpt_and_safetensors_load_the_same_weights(ours, ckpt_checkpoint):
+def test_ckpt_and_safetensors_load_the_same_weights(models, ckpt_checkpoint):
     from_ckpt = load_models(ckpt_checkpoint)
-    for name, model in ours.items():
+    for name, model in models.items():
         theirs = from_ckpt[name].state_dict()
         for key, value in model.state_dict().items():
             assert torch.equal(value, theirs[key]), f"{name}.{key}"

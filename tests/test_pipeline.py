@@ -1,24 +1,14 @@
 """generate() end to end on a random full-size checkpoint, at 64x64 with a few steps."""
 
-import gc
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sd import SDError, generate, load_models
+from sd import SDError, generate
 from sd import pipeline
 
 SMALL = dict(width=64, height=64, steps=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def models(safetensors_checkpoint):
-    loaded = load_models(safetensors_checkpoint)
-    yield loaded
-    del loaded
-    gc.collect()
 
 
 @pytest.fixture
