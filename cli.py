@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.errors import SDError
+from sd.inpaint import check_mask_has_image, read_mask
 from sd.pipeline import DTYPES, cached_models, check_settings, default_checkpoint, generate, pick_device
 from sd.samplers import SAMPLERS, display_name
 
@@ -74,8 +75,14 @@ class Job:
               help="ddim only: the share of fresh noise in each step (0 deterministic, 1 as much as DDPM).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
-              help="With --input: how much to change it; 1 redraws it completely.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
+              help="With --input: how much to change it; 1 redraws it completely. Default: 0.8, or 1 when an inpainting checkpoint repaints a --mask.")
+@click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --input: repaint only the white part of this image (inpainting), keep the black part. "
+                   "Any mode; resized to the input image's size, whose aspect ratio it must have.")
+@click.option("--mask-blur", type=click.IntRange(min=0), default=4, show_default=True,
+              help="With --mask and an ordinary checkpoint: the blur radius in pixels of the edge where the original pixels, "
+                   "pasted back, fade into the repainted ones; 0 for a hard edge.")
 @click.option("--width", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
 @click.option("--height", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
@@ -91,8 +98,9 @@ class Job:
                    "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
 def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path, strength,
-                     width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
-    """Render images from a prompt (or a file of prompts), optionally starting from an input image.
+                     mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
+    """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
+    repainting only the masked part of it.
 
     Each PNG carries its settings in a `parameters` text chunk, in AUTOMATIC1111's format.
     """
@@ -100,10 +108,14 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     prompts = read_prompts(prompt, prompts_file)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
-    check_settings(strength, cfg, sampler, steps, width, height, num_images, karras, eta)
+    check_settings(strength, cfg, sampler, steps, width, height, num_images, karras, eta, mask_blur)
+    check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
-    input_image = open_image(input_path) if input_path is not None else None
+    input_image = open_image(input_path, "--input") if input_path is not None else None
+    mask = open_image(mask_path, "--mask") if mask_path is not None else None
+    if mask is not None:
+        read_mask(mask, input_image.size, width, height)  # refuses a mask that cannot work
     random_seed = seed is None
     seed = random.randrange(MAX_SEED + 1) if random_seed else seed
     jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
@@ -114,8 +126,9 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
         return
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
-    settings = dict(negative_prompt=negative_prompt, input_image=input_image, strength=strength, cfg_scale=cfg,
-                    sampler=sampler, karras=karras, eta=eta, steps=steps, width=width, height=height, device=device)
+    settings = dict(negative_prompt=negative_prompt, input_image=input_image, mask=mask, mask_blur=mask_blur,
+                    strength=strength, cfg_scale=cfg, sampler=sampler, karras=karras, eta=eta, steps=steps,
+                    width=width, height=height, device=device)
     saved = 0
     try:
         for path in render(jobs, settings, checkpoint, device, dtype):
@@ -163,14 +176,14 @@ def find_checkpoint(checkpoint: Path | None) -> Path:
     return checkpoint
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path, option: str) -> Image.Image:
     """Reads the whole image now, so that a file that is not an image fails before the models load."""
     try:
         with Image.open(path) as image:
             image.load()
             return image.copy()
     except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
-        raise SDError(f"--input {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
+        raise SDError(f"{option} {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
 
 
 def plan(prompts: list[str], num_images: int, seed: int, output: Path | None, outdir: Path) -> list[Job]:
@@ -253,6 +266,10 @@ def parameters(settings: dict, short_hash: str, model_name: str) -> str:
         fields["Eta"] = f"{settings['eta']:g}"
     if settings["strength"] is not None:
         fields["Denoising strength"] = f"{settings['strength']:g}"
+    if settings["inpainted"]:
+        fields["Inpainted"] = "yes"
+    if settings["mask_blur"] is not None:
+        fields["Mask blur"] = settings["mask_blur"]
     lines = [settings["prompt"]]
     if settings["negative_prompt"]:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")

@@ -3,16 +3,17 @@
 import logging
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from .errors import SDError
+from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .model_loader import load_models
-from .samplers import SAMPLERS, check_options, sample
+from .samplers import SAMPLERS, KnownRegion, check_options, sample
 from .schedule import SD15, check_steps
 from .tokenizer import encode
 
@@ -30,7 +31,7 @@ def generate(
     prompt: str,
     negative_prompt: str = "",
     input_image: Image.Image | str | Path | None = None,
-    strength: float = 0.8,
+    strength: float | None = None,
     cfg_scale: float = 7.5,
     sampler: str = "ddpm",
     steps: int = 50,
@@ -47,26 +48,48 @@ def generate(
     progress: bool = True,
     karras: bool = False,
     eta: float = 0.0,
+    mask: Image.Image | str | Path | None = None,
+    mask_blur: int = 4,
 ) -> list[Image.Image]:
-    """Renders `num_images` images of `prompt`; with `input_image`, redraws that image (image-to-image).
+    """Renders `num_images` images of `prompt`; with `input_image`, redraws that image (image-to-image); with a
+    `mask` too, only the mask's white part (inpainting, see sd/inpaint.py). `strength` defaults to 0.8, or to 1.0
+    when an inpainting checkpoint repaints a mask. With an ordinary checkpoint the original pixels are pasted back
+    outside the mask, over an edge feathered by a Gaussian blur of radius `mask_blur` pixels.
 
     Each image's `info["sd"]` holds the settings that made it, the seed included.
     """
-    check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta)
+    check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta, mask_blur)
+    check_mask_has_image(mask, input_image)
     device = pick_device(device)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
+    # the images and the mask are read and checked before the models load, so a mistake costs no waiting
+    source = read_image(input_image, "input image") if input_image is not None else None
+    repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
+    if repaint is not None and repaint.all():
+        log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
     if models is None:
         models = cached_models(checkpoint, device, dtype)
     dtype = next(models["diffusion"].parameters()).dtype
-    image = load_image(input_image, width, height) if input_image is not None else None
+    inpainting_model = is_inpainting_model(models["diffusion"])
+    if strength is None:
+        strength = 1.0 if inpainting_model and repaint is not None else 0.8
+    original = fit_image(source, width, height) if source is not None else None
+    image = to_tensor(original) if original is not None else None
     if seed is None:
         seed = random.randrange(2**32)
         log.info("seed: %d", seed)
     # Noise is drawn on the CPU, so a seed gives the same picture on every device.
     generator = torch.Generator().manual_seed(seed)
-    latent_shape = (num_images, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
+    latent_size = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+    latent_shape = (num_images, 4, *latent_size)
     if latents is not None and tuple(latents.shape) != latent_shape:
         raise SDError(f"latents have shape {tuple(latents.shape)} but {num_images} images of {width}x{height} need {latent_shape}")
+    # Inpainting at full strength starts from pure noise, as diffusers' inpainting pipeline does (image-to-image
+    # keeps a trace of the image): an inpainting checkpoint then needs no latents of the whole image.
+    pure_noise_start = repaint is not None and strength == 1.0
+    known_region = repaint is not None and not inpainting_model
+    # the start of image-to-image, or what an ordinary checkpoint must keep outside the mask
+    needs_image_latents = image is not None and (known_region or not pure_noise_start)
 
     with torch.inference_mode():
         guided = cfg_scale != 1.0
@@ -75,41 +98,77 @@ def generate(
             # (2B or B, 77) -> (2B or B, 77, 768)
             context = clip(encode(prompts).to(device))
 
-        image_latents = None
-        if image is not None:
-            with on_device(models["encoder"], device, idle_device) as encoder:
-                encoder_noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
-                # (1, 3, H, W) -> (B, 4, H / 8, W / 8)
-                image_latents = encoder(image.to(device, dtype).expand(num_images, -1, -1, -1), encoder_noise).float()
-        # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
-        noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
+        needs_encoder = needs_image_latents or inpainting_model
+        with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
+            image_latents = encode_image(encoder, image, generator, latent_shape, device, dtype) if needs_image_latents else None
+            # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
+            noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
+            # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
+            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, dtype) if inpainting_model else None
+        known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         with on_device(models["diffusion"], device, idle_device) as unet:
 
             def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
-                # (B, 4, h, w) -> (2B, 4, h, w): the unconditional and the conditional halves in one call
+                if conditioning is not None:
+                    x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
+                # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
                 predicted = unet(torch.cat([x] * (1 + guided)).to(dtype), context, timestep).float()
                 if not guided:
                     return predicted
                 uncond, cond = predicted.chunk(2)
                 return uncond + cfg_scale * (cond - uncond)
 
-            x = sample(sampler, predict_noise, noise, steps, generator, image_latents, strength, progress, karras=karras, eta=eta)
+            start_latents = None if pure_noise_start else image_latents
+            x = sample(sampler, predict_noise, noise, steps, generator, start_latents, strength, progress, karras=karras, eta=eta, known=known)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
             pixels = decoder(x.to(dtype)).float()
 
+    images = [to_pil(p) for p in pixels]
+    if known is not None:
+        images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
     settings = dict(
         prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, eta=eta,
         cfg_scale=cfg_scale, seed=seed, width=width, height=height, strength=strength if image is not None else None,
+        inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
     )
-    return [to_pil(p, settings) for p in pixels]
+    for output in images:
+        output.info["sd"] = settings
+    return images
 
 
-def check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras=False, eta=0.0) -> None:
-    """Refuses settings that cannot work, before any model runs."""
-    if not 0 < strength <= 1:
+def is_inpainting_model(unet: torch.nn.Module) -> bool:
+    """Whether the U-Net takes an inpainting checkpoint's 9 input channels; SD 1.5's takes 4."""
+    channels = unet.config.in_channels
+    if channels not in (4, INPAINTING_CHANNELS):
+        raise SDError(f"the checkpoint's U-Net takes {channels} input channels: use an SD 1.5 checkpoint (4) or an SD 1.5 inpainting checkpoint (9)")
+    return channels == INPAINTING_CHANNELS
+
+
+def encode_image(encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple, device, dtype) -> torch.Tensor:
+    """Latents of `image` (1, 3, H, W), one draw from the encoder's posterior per image of the batch."""
+    noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
+    # (1, 3, H, W) -> (B, 4, h, w): the posterior's mean and spread are the same for every image, the noise is not
+    return encoder(image.to(device, dtype), noise).float()
+
+
+def inpainting_conditioning(encoder: torch.nn.Module, image: torch.Tensor | None, repaint: torch.Tensor | None, generator: torch.Generator, latent_shape: tuple, device, dtype) -> torch.Tensor:
+    """What an inpainting U-Net takes beside the latents, (B, 5, h, w): the mask and the latents of the masked
+    image. Without a mask it repaints everything: mask all 1, the image all gray."""
+    batch, _, height, width = latent_shape
+    size = (height * LATENT_FACTOR, width * LATENT_FACTOR)
+    repaint = repaint if repaint is not None else torch.ones(1, 1, *size)
+    pixels = masked_image(image if image is not None else torch.zeros(1, 3, *size), repaint)
+    masked_latents = encode_image(encoder, pixels, generator, latent_shape, device, dtype)  # (B, 4, h, w)
+    mask = conditioning_mask(repaint, (height, width)).to(device).expand(batch, -1, -1, -1)  # (B, 1, h, w)
+    return torch.cat([mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
+
+
+def check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras=False, eta=0.0, mask_blur=4) -> None:
+    """Refuses settings that cannot work, before any model runs; strength None stands for its default."""
+    if strength is not None and not 0 < strength <= 1:
         raise SDError(f"strength must be in (0, 1], got {strength}: 1 redraws the image completely, small values keep it")
     if cfg_scale < 0:
         raise SDError(f"cfg scale must be 0 or more, got {cfg_scale}: 7.5 is usual, 1 turns guidance off")
@@ -123,6 +182,8 @@ def check_settings(strength, cfg_scale, sampler, steps, width, height, num_image
             raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
     if num_images < 1:
         raise SDError(f"the number of images must be at least 1, got {num_images}")
+    if mask_blur < 0:
+        raise SDError(f"mask blur must be 0 or more pixels, got {mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -175,23 +236,30 @@ class on_device:
             self.model.to(self.idle_device)
 
 
-def load_image(image: Image.Image | str | Path, width: int, height: int) -> torch.Tensor:
-    """An image (or its path), resized to width x height, as (1, 3, H, W) in [-1, 1]."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, UnidentifiedImageError) as error:
-            raise SDError(f"cannot read input image {image}: {error.__class__.__name__}; give a PNG, JPEG or WebP file") from None
-    image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+def read_image(image: Image.Image | str | Path, what: str) -> Image.Image:
+    """An image, or the image at a path, read whole."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, UnidentifiedImageError) as error:
+        raise SDError(f"cannot read {what} {image}: {error.__class__.__name__}; give a PNG, JPEG or WebP file") from None
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image in RGB, resized to width x height."""
+    return image.convert("RGB").resize((width, height), Image.LANCZOS)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
     # (H, W, 3) uint8 -> (1, 3, H, W) in [-1, 1]
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     return pixels.permute(2, 0, 1)[None]
 
 
-def to_pil(pixels: torch.Tensor, settings: dict) -> Image.Image:
+def to_pil(pixels: torch.Tensor) -> Image.Image:
     # (3, H, W) in [-1, 1] -> (H, W, 3) uint8
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(array)
-    image.info["sd"] = settings
-    return image
+    return Image.fromarray(array)

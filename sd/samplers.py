@@ -4,7 +4,9 @@ A sampler gets `predict_noise(latents, timestep) -> noise`, the U-Net with guida
 pure noise (or a noised input image) to clean latents. Two families: the DDPM family (sd/ddpm.py) walks whole
 training timesteps on the U-Net's own view of the latents; the k-diffusion family (sd/sampling.py) walks noise
 levels sigma, through a Denoiser. Each sampler's steps, starting noise and image-to-image start are those of
-the diffusers scheduler of the same name with SD 1.5's configuration.
+the diffusers scheduler of the same name with SD 1.5's configuration. For inpainting with an ordinary checkpoint,
+a KnownRegion puts the input image's latents back outside the repainted area after every step: here, once for
+every sampler, as diffusers' inpainting pipeline does after every scheduler step.
 """
 
 from collections.abc import Callable
@@ -12,10 +14,29 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddpm import NoisePredictor, sample_ddim, sample_ddpm, sample_plms
+from .ddpm import AfterStep, NoisePredictor, sample_ddim, sample_ddpm, sample_plms
 from .errors import SDError
 from .sampling import Denoiser, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun, sample_lms, sample_unipc
 from .schedule import SD15, SigmaSchedule, dpm_solver_schedule, euler_schedule, first_step, leading_timesteps
+
+
+@dataclass(frozen=True)
+class KnownRegion:
+    """The part of the latents an ordinary checkpoint must not repaint, and what it holds there."""
+
+    latents: torch.Tensor  # (B, 4, h, w) the input image's clean latents
+    repaint: torch.Tensor  # (1, 1, h, w) bool: True where the sampler generates, False where the image is kept
+
+    def after_step(self, noised: Callable[[int], torch.Tensor], num_steps: int) -> AfterStep:
+        """Puts the known latents back outside the repainted area after each step: `noised(j)` gives them at the
+        level of step j, which x reaches after step j - 1; after the last step they are the clean latents."""
+
+        def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:
+            known = self.latents if i == num_steps - 1 else noised(i + 1)
+            return torch.where(self.repaint, x, known)
+
+        return keep_known
+
 
 @dataclass(frozen=True)
 class TimestepSampler:
@@ -26,10 +47,12 @@ class TimestepSampler:
     final_timestep: int  # where the last step lands: -1, the clean image, or 0, the least noise trained on
     stochastic: bool = False  # draws fresh noise as it goes
 
-    def __call__(self, predict_noise, noise, timesteps, image_latents, **options) -> torch.Tensor:
+    def __call__(self, predict_noise, noise, timesteps, image_latents, known=None, **options) -> torch.Tensor:
         alpha_bars = torch.stack([SD15.alpha_bar(t) for t in [*timesteps.tolist(), self.final_timestep]])  # (n + 1,)
         # unit-variance noise is what the U-Net expects at its noisiest
         x = noise if image_latents is None else SD15.add_noise(image_latents, timesteps[0], noise)
+        if known is not None:
+            options["after_step"] = known.after_step(lambda j: SD15.add_noise(known.latents, timesteps[j], noise), len(timesteps))
         return self.function(predict_noise, x, timesteps, alpha_bars, **options)
 
 
@@ -45,12 +68,14 @@ class SigmaSampler:
     unit_variance_start: bool = False
     stochastic: bool = False  # draws fresh noise as it goes
 
-    def __call__(self, predict_noise, noise, schedule, image_latents, **options) -> torch.Tensor:
+    def __call__(self, predict_noise, noise, schedule, image_latents, known=None, **options) -> torch.Tensor:
         sigma = schedule.sigmas[0]
         if image_latents is not None:
             x = image_latents + noise * sigma
         else:
             x = noise * ((sigma**2 + 1) ** 0.5 if self.unit_variance_start else sigma)
+        if known is not None:
+            options["after_step"] = known.after_step(lambda j: known.latents + noise * schedule.sigmas[j], len(schedule.sigmas) - 1)
         return self.function(Denoiser(predict_noise, schedule), x, schedule.sigmas, **options)
 
 
@@ -72,10 +97,11 @@ def display_name(name: str, karras: bool) -> str:
     return SAMPLERS[name].a1111_name + " Karras" * karras
 
 
-def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0) -> torch.Tensor:
+def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0, known: KnownRegion | None = None) -> torch.Tensor:
     """Clean latents (B, 4, h, w) from unit-variance `noise` of the same shape, or from `image_latents` noised
     to `strength` (image-to-image). `karras` spaces a sigma sampler's steps as Karras et al. do; `eta` is DDIM's
-    share of fresh noise. Extra noise the sampler needs comes from `generator`."""
+    share of fresh noise. Extra noise the sampler needs comes from `generator`. With `known`, only its repainted
+    area is generated: elsewhere the latents are held to its latents, noised with `noise` to each step's level."""
     sampler = SAMPLERS[name]
     check_options(name, karras, eta)
     start = 0 if image_latents is None else first_step(steps, strength)
@@ -86,8 +112,8 @@ def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps:
         options["eta"] = eta
     if isinstance(sampler, SigmaSampler):
         schedule = sampler.schedule(steps, karras).from_step(start)
-        return sampler(predict_noise, noise, schedule, image_latents, **options)
-    return sampler(predict_noise, noise, leading_timesteps(steps)[start:], image_latents, **options)
+        return sampler(predict_noise, noise, schedule, image_latents, known, **options)
+    return sampler(predict_noise, noise, leading_timesteps(steps)[start:], image_latents, known, **options)
 
 
 def check_options(name: str, karras: bool, eta: float) -> None:

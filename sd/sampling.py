@@ -1,7 +1,8 @@
 """The k-diffusion family: samplers that walk noise levels sigma on x = x0 + sigma * noise (Karras et al. 2022).
 
 Each takes `model(x, sigma) -> x0`, a Denoiser, the latents at sigmas[0] and the sigmas (n + 1,) to visit, the
-last 0, and returns the clean latents. The model is only asked at the schedule's own sigmas.
+last 0, and returns the clean latents. The model is only asked at the schedule's own sigmas. Each hands the
+latents after step i, at sigmas[i + 1], to `after_step(i, x)` and goes on with what it returns, as in sd/ddpm.py.
 """
 
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 from numpy.polynomial import Polynomial
 from tqdm.auto import trange
 
-from sd.ddpm import NoisePredictor, NoiseSource
+from sd.ddpm import AfterStep, NoisePredictor, NoiseSource, unchanged
 from sd.schedule import SigmaSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> estimated x0, a Denoiser
@@ -38,11 +39,11 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma
 
 
-def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
+def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in trange(len(sigmas) - 1, disable=not progress):
         d = to_d(x, sigmas[i], model(x, sigmas[i]))  # (B, 4, h, w)
-        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = after_step(i, x + d * (sigmas[i + 1] - sigmas[i]))
     return x
 
 
@@ -53,7 +54,7 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, draw_noise: NoiseSource, progress: bool = True) -> torch.Tensor:
+def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, draw_noise: NoiseSource, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """Euler steps that overshoot to sigma_down, then add fresh noise back up to the next sigma: the result
     forgets earlier noise, so it changes with the step count."""
     for i in trange(len(sigmas) - 1, disable=not progress):
@@ -61,11 +62,11 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         x = x + d * (sigma_down - sigmas[i])
         # one draw per step, the last (sigma_up 0) included, as diffusers draws
-        x = x + draw_noise(x) * sigma_up
+        x = after_step(i, x + draw_noise(x) * sigma_up)
     return x
 
 
-def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
+def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1): an Euler step, corrected by the mean of the slopes at its
     start and end, at two model calls a step; the last step, to sigma 0, stays an Euler step."""
     for i in trange(len(sigmas) - 1, disable=not progress):
@@ -74,9 +75,11 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: b
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
-            x_euler = x + d * dt
+            # the Euler step ends at sigmas[i + 1] too: handed over before the model is asked there, as in diffusers
+            x_euler = after_step(i, x + d * dt)
             d_end = to_d(x_euler, sigmas[i + 1], model(x_euler, sigmas[i + 1]))
             x = x + (d + d_end) / 2 * dt
+        x = after_step(i, x)
     return x
 
 
@@ -95,14 +98,14 @@ def lms_coefficients(sigmas: torch.Tensor, i: int, order: int) -> list[float]:
     return weights
 
 
-def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, order: int = 4, progress: bool = True) -> torch.Tensor:
+def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, order: int = 4, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """Linear multistep: integrate the polynomial through the last `order` slopes over each step (Adams-Bashforth
     on the uneven sigma grid); the first steps use the slopes they have."""
     slopes = []  # the last `order` slopes, oldest first
     for i in trange(len(sigmas) - 1, disable=not progress):
         slopes = [*slopes, to_d(x, sigmas[i], model(x, sigmas[i]))][-order:]
         weights = lms_coefficients(sigmas, i, len(slopes))
-        x = x + sum(weight * slope for weight, slope in zip(weights, reversed(slopes)))
+        x = after_step(i, x + sum(weight * slope for weight, slope in zip(weights, reversed(slopes))))
     return x
 
 
@@ -119,7 +122,7 @@ def extrapolate_to_midpoint(denoised: torch.Tensor, previous: torch.Tensor, r: f
     return denoised + (denoised - previous) / (2 * r)
 
 
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): exact integration of the ODE's linear part in lambda = -log sigma, with
     x0 extrapolated from the last two estimates. First order on the first step (no history) and the last (to
     sigma 0, where lambda is infinite)."""
@@ -131,7 +134,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progres
             blend = denoised
         else:
             blend = extrapolate_to_midpoint(denoised, previous, (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i]))
-        x = exponential_step(x, sigmas[i], sigmas[i + 1], blend)
+        x = after_step(i, exponential_step(x, sigmas[i], sigmas[i + 1], blend))
         previous = denoised
     return x
 
@@ -159,7 +162,7 @@ def unipc_corrector_blend(denoised: list[torch.Tensor], lambdas: torch.Tensor, i
     return denoised[-2] + rho_0 * (denoised[-2] - denoised[-3]) / r + rho_1 * (denoised[-1] - denoised[-2])
 
 
-def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
+def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = True, after_step: AfterStep = unchanged) -> torch.Tensor:
     """UniPC (Zhao et al. 2023), order 2 with "bh2", diffusers' defaults. Every step is the exponential-integrator
     step of DPM-Solver++ from a blend of x0 estimates. The predictor blends this step's and the previous one's
     (as DPM-Solver++(2M)); once the model has estimated x0 at the predicted point, the corrector redoes the step
@@ -178,5 +181,6 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: 
         else:
             r = ((lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])).item()
             blend = extrapolate_to_midpoint(denoised[-1], denoised[-2], r)
-        x = exponential_step(x, sigmas[i], sigmas[i + 1], blend)
+        # the corrected latents above are not handed over, as in diffusers' UniPC: only the step taken from them
+        x = after_step(i, exponential_step(x, sigmas[i], sigmas[i + 1], blend))
     return x

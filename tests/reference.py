@@ -45,6 +45,8 @@ def reference_unet(path, plain_attention: bool = True):
 
     checkpoint = read_original(path, "model.diffusion_model.")
     config = create_unet_diffusers_config_from_ldm(original_config(), checkpoint)
+    # the YAML says 4; an inpainting checkpoint's first convolution takes 9
+    config["in_channels"] = checkpoint["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
     unet = _build_on_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
     if plain_attention:
         unet.set_attn_processor(AttnProcessor())
