@@ -14,7 +14,8 @@ from PIL.PngImagePlugin import PngInfo
 from sd import model_hash
 from sd.errors import SDError
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.pipeline import DTYPES, cached_models, check_settings, default_checkpoint, generate, pick_device
+from sd.pipeline import cached_models, check_settings, default_checkpoint, generate, pick_device
+from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, display_name
 
 MAX_SEED = 2**32 - 1
@@ -90,7 +91,9 @@ class Job:
               help="An SD 1.x .safetensors or .ckpt. Default: $SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks CUDA, then MPS, then the CPU.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
+              help="The weights' type. auto: fp16 on CUDA, bf16 on a CPU with bf16 instructions, else fp32. "
+                   "On a CPU without them bf16 halves the memory but computes in fp32.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), callback=png_path,
               help="The PNG file to write. With more than one image, -1, -2, ... goes before .png (out-1.png, out-2.png).")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path),
@@ -233,13 +236,21 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
 def load(checkpoint: Path, device, dtype: str) -> dict:
     started = time.perf_counter()
     try:
-        models = cached_models(checkpoint, device, DTYPES[dtype])
+        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
     except SDError as error:
         raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
-    click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {dtype})", err=True)
+    click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
+
+
+def precision(models: dict, device) -> str:
+    """"fp32", or "bf16 weights, fp32 compute" where the two differ (see sd/precision.py)."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    stored = next(models["diffusion"].parameters()).dtype
+    compute = compute_dtype(stored, device)
+    return names[stored] if compute == stored else f"{names[stored]} weights, {names[compute]} compute"
 
 
 def checkpoint_hash(checkpoint: Path) -> str:

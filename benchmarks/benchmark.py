@@ -1,17 +1,25 @@
 """sd against diffusers on the same random full-size SD 1.5 weights, each measurement in a fresh process.
 
-    .venv/bin/python benchmarks/benchmark.py                  # everything, fp32 and bf16
-    .venv/bin/python benchmarks/benchmark.py --only load      # one group: load, generate
-    .venv/bin/python benchmarks/benchmark.py --size 256 --steps 4 --dtypes bf16   # quicker
+    make bench                                               # everything below, fp32 and bf16
+    .venv/bin/python benchmarks/benchmark.py --only load     # groups: load, components, generate
+    .venv/bin/python benchmarks/benchmark.py --sizes 256 --steps 4 --dtypes bf16   # quicker
 
-Writes the checkpoint to a temporary folder, prints a table with the ratio sd/diffusers and
-writes every figure to benchmarks/results.json. diffusers' `from_single_file` needs files from
-a model hub, so its models are built from the same tensors by its own single-file converters
-(on the meta device, the fastest way it offers), with its default (SDPA) attention.
+Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
+matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
+step, VAE decode and encode at each size, and a whole txt2img run. It prints a table with the ratio
+sd/diffusers, the GFLOP/s reached against the matmul peak, and the PSNR between the fp32 and bf16
+images, and writes every figure to benchmarks/results.json.
+
+diffusers' `from_single_file` needs files from a model hub, so its models are built from the same
+tensors by its own single-file converters (on the meta device, the fastest way it offers), with its
+default (SDPA) attention. On a CPU without bf16 instructions sd's bf16 stores the weights in bf16
+and computes in fp32 (sd/precision.py); diffusers is then given the same with its layerwise casting
+(`apply_layerwise_casting`, storage bf16, compute fp32), since its plain bf16 runs about 10x slower.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -20,13 +28,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from sd.precision import DTYPES, compute_dtype, cpu_has_bf16  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+)
+STAGES = ("clip", "unet_step", "vae_decode", "vae_encode")
+CPU = torch.device("cpu")
 
 
 def peak_rss_gib() -> float:
@@ -35,6 +52,11 @@ def peak_rss_gib() -> float:
     status = Path("/proc/self/status").read_text()
     kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     return kilobytes / 2**20
+
+
+def summary(seconds: list[float]) -> dict:
+    seconds = sorted(seconds)
+    return {"min": seconds[0], "median": seconds[len(seconds) // 2], "runs": len(seconds)}
 
 
 # ---- workers: each runs in its own process and prints one JSON line ----
@@ -47,25 +69,36 @@ def load_sd(checkpoint: Path, dtype: torch.dtype):
 
 
 def load_diffusers(checkpoint: Path, dtype: torch.dtype):
+    from diffusers import DDPMScheduler
+    from diffusers.hooks import apply_layerwise_casting
     from reference import reference_pipeline
 
-    from diffusers import DDPMScheduler
-
     pipe = reference_pipeline(checkpoint, DDPMScheduler.from_config(SD15_SCHEDULER), plain_attention=False)
-    return pipe.to(dtype=dtype)
+    compute = compute_dtype(dtype, CPU)
+    if compute == dtype:
+        return pipe.to(dtype=dtype)
+    # not the text encoder (0.25 GB in bf16): the pipeline casts the prompt's embeddings to its storage dtype
+    for model in (pipe.unet, pipe.vae):
+        apply_layerwise_casting(model, storage_dtype=dtype, compute_dtype=compute)
+    return pipe
 
 
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
-)
+def worker_peaks(**_) -> dict:
+    """The best matmul rate of each dtype: what a step could reach at most. Smaller matrices for bf16,
+    which runs at well under 1 GFLOP/s on a CPU without bf16 instructions."""
+    peaks = {}
+    for name, size in (("fp32", 2048), ("bf16", 2048 if cpu_has_bf16() else 512)):
+        a, b = torch.randn(size, size).to(DTYPES[name]), torch.randn(size, size).to(DTYPES[name])
+        a @ b
+        best = min(timed_once(lambda: a @ b) for _ in range(3))
+        peaks[f"{name}_gflops"] = 2 * size**3 / best / 1e9
+    return peaks
 
 
-def time_calls(module: torch.nn.Module, record: list[float]) -> None:
-    """Appends the duration of every forward call of `module` to `record`."""
-    starts = []
-    module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-    module.register_forward_hook(lambda *_: record.append(time.perf_counter() - starts.pop()))
+def timed_once(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def worker_load(impl: str, checkpoint: Path, dtype: torch.dtype, **_) -> dict:
@@ -76,11 +109,15 @@ def worker_load(impl: str, checkpoint: Path, dtype: torch.dtype, **_) -> dict:
     return {"load_s": seconds}
 
 
-def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, steps: int, strength: float | None, **_) -> dict:
-    from PIL import Image
+def time_calls(module: torch.nn.Module, record: list[float]) -> None:
+    """Appends the duration of every forward call of `module` to `record`."""
+    starts = []
+    module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    module.register_forward_hook(lambda *_: record.append(time.perf_counter() - starts.pop()))
 
-    prompt, seed = "a photograph of an astronaut riding a horse", 0
-    image = Image.new("RGB", (size, size), (90, 140, 200)) if strength else None
+
+def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, steps: int, image_path: str, **_) -> dict:
+    """A whole txt2img run with DDPM, seed 0; the image is saved for the PSNR between dtypes."""
     unet_seconds: list[float] = []
     if impl == "sd":
         from sd import generate
@@ -88,46 +125,32 @@ def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, 
         models = load_sd(checkpoint, dtype)
         time_calls(models["diffusion"], unet_seconds)
         start = time.perf_counter()
-        generate(prompt, input_image=image, strength=strength or 0.8, steps=steps, seed=seed, width=size, height=size, models=models, progress=False)
+        image = generate(PROMPT, steps=steps, seed=0, width=size, height=size, models=models, progress=False)[0]
+        pixels = np.asarray(image)
     else:
         pipe = load_diffusers(checkpoint, dtype)
         time_calls(pipe.unet, unet_seconds)
-        generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        if image is None:
-            pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator, output_type="np")
-        else:
-            from diffusers import StableDiffusionImg2ImgPipeline
-
-            img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-            img2img(prompt, image=image, strength=strength, num_inference_steps=steps, generator=generator, output_type="np")
+        output = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np")
+        pixels = (output.images[0] * 255).round().astype(np.uint8)
     total = time.perf_counter() - start
-    return {"total_s": total, "unet_step_s": sorted(unet_seconds)[len(unet_seconds) // 2], "unet_steps": len(unet_seconds)}
-
-
-def timed(function, repeat: int) -> dict:
-    """Min and median seconds of `repeat` calls, after one warm-up call (which pages the weights in)."""
-    function()
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    seconds.sort()
-    return {"min": seconds[0], "median": seconds[len(seconds) // 2]}
+    np.save(image_path, pixels)
+    return {"total_s": total, "unet_step_s": summary(unet_seconds)}
 
 
 def worker_components(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
-    """Each stage alone: text encoding, one guided U-Net step (batch 2), VAE decode and encode (batch 1)."""
+    """Each stage alone, inputs in the dtype the models compute in: text encoding, one guided U-Net
+    step (batch 2), VAE decode and encode (batch 1). A warm-up call first, which pages the weights in."""
+    compute = compute_dtype(dtype, CPU)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
-    context = torch.randn(2, 77, 768, generator=generator).to(dtype)
-    image = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(dtype)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, 768, generator=generator).to(compute)
+    image = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(compute)
     tokens = torch.randint(0, 49406, (2, 77), generator=generator)
     if impl == "sd":
         models = load_sd(checkpoint, dtype)
         stages = {
-            "clip": lambda: models["clip"](tokens),
+            "clip": lambda: models["clip"](tokens, compute),
             "unet_step": lambda: models["diffusion"](latents, context, 500),
             "vae_decode": lambda: models["decoder"](latents[:1]),
             "vae_encode": lambda: models["encoder"](image, latents[:1]),
@@ -140,14 +163,18 @@ def worker_components(impl: str, checkpoint: Path, dtype: torch.dtype, size: int
             "vae_decode": lambda: pipe.vae.decode(latents[:1]),
             "vae_encode": lambda: pipe.vae.encode(image).latent_dist.sample(generator),
         }
-    return {f"{stage}_s": timed(function, repeat) for stage, function in stages.items()}
+    results = {}
+    for stage, function in stages.items():
+        function()
+        results[f"{stage}_s"] = summary([timed_once(function) for _ in range(repeat)])
+    return results
 
 
-WORKERS = {"load": worker_load, "generate": worker_generate, "components": worker_components}
+WORKERS = {"peaks": worker_peaks, "load": worker_load, "components": worker_components, "generate": worker_generate}
 
 
 def run_worker(spec: dict) -> dict:
-    spec = {**spec, "checkpoint": Path(spec["checkpoint"]), "dtype": DTYPES[spec["dtype"]]}
+    spec = {**spec, "checkpoint": Path(spec.get("checkpoint", ".")), "dtype": DTYPES[spec.get("dtype", "fp32")]}
     torch.manual_seed(0)
     with torch.inference_mode():
         result = WORKERS[spec["group"]](**spec)
@@ -166,72 +193,168 @@ def measure(spec: dict) -> dict:
     return {**spec, **json.loads(finished.stdout.strip().splitlines()[-1])}
 
 
-def plan(args, files: dict[str, Path]) -> list[dict]:
-    specs = []
+def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
+    """Every measurement; sd and diffusers alternate, so that a slow spell of the machine hits both."""
+    specs = [dict(group="peaks")]
     for dtype in args.dtypes:
-        for impl in ("sd", "diffusers"):
-            if "load" in args.only:
-                for suffix, path in files.items():
-                    specs.append(dict(group="load", impl=impl, dtype=dtype, format=suffix, checkpoint=str(path)))
-            if "components" in args.only:
-                specs.append(dict(group="components", impl=impl, dtype=dtype, size=args.size, repeat=args.repeat, checkpoint=str(files[".safetensors"])))
-            if "generate" in args.only:
-                for strength in (None, 0.6):
-                    specs.append(dict(group="generate", impl=impl, dtype=dtype, size=args.size, steps=args.steps, strength=strength, checkpoint=str(files[".safetensors"])))
+        pairs = []
+        if "load" in args.only:
+            pairs += [dict(group="load", format=suffix, checkpoint=str(path), run=run) for suffix, path in files.items() for run in range(args.repeat)]
+        if "components" in args.only:
+            pairs += [dict(group="components", size=size, repeat=args.repeat, checkpoint=str(files[".safetensors"])) for size in args.sizes]
+        if "generate" in args.only:
+            pairs.append(dict(group="generate", size=max(args.sizes), steps=args.steps, checkpoint=str(files[".safetensors"])))
+        for pair in pairs:
+            for impl in ("sd", "diffusers"):
+                extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
+                specs.append({**pair, **extra, "impl": impl, "dtype": dtype})
     return specs
 
 
-def row_key(result: dict) -> tuple:
-    return tuple((k, v) for k, v in result.items() if k in ("group", "dtype", "format", "size", "steps", "strength"))
+def merge_load_runs(results: list[dict]) -> list[dict]:
+    """One entry per load setting, its runs (each a fresh process) summarised as min and median."""
+    merged, loads = [], {}
+    for result in results:
+        if result["group"] != "load":
+            merged.append(result)
+            continue
+        key = (result["impl"], result["dtype"], result["format"])
+        if key not in loads:
+            loads[key] = {**result, "load_s": [], "peak_rss_gib": []}
+            merged.append(loads[key])
+        loads[key]["load_s"].append(result["load_s"])
+        loads[key]["peak_rss_gib"].append(result["peak_rss_gib"])
+    for entry in loads.values():
+        entry.pop("run")
+        entry["load_s"], entry["peak_rss_gib"] = summary(entry["load_s"]), max(entry["peak_rss_gib"])
+    return merged
 
 
-def median(figure):
-    """A figure, or the median of a timed one."""
+def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
+    """Floating-point operations of each stage at each size, counted on our models on the meta device
+    (no memory, no arithmetic); diffusers does the same operations."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sd.clip import CLIP
+    from sd.decoder import Decoder
+    from sd.diffusion import UNet
+    from sd.encoder import Encoder
+
+    flops = {}
+    with torch.device("meta"):
+        clip, unet, decoder, encoder = CLIP(), UNet(), Decoder(), Encoder()
+        for size in sizes:
+            latents = torch.empty(2, 4, size // 8, size // 8)
+            calls = {
+                "clip": lambda: clip(torch.zeros(2, 77, dtype=torch.long)),
+                "unet_step": lambda: unet(latents, torch.empty(2, 77, 768), torch.tensor([500, 500])),
+                "vae_decode": lambda: decoder(latents[:1]),
+                "vae_encode": lambda: encoder(torch.empty(1, 3, size, size), latents[:1]),
+            }
+            for stage, call in calls.items():
+                with FlopCounterMode(display=False) as counter:
+                    call()
+                flops[(stage, size)] = counter.get_total_flops()
+    return flops
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def image_psnrs(images: Path) -> dict[str, float]:
+    """PSNR in dB between the images of the same seed: fp32 against bf16 for each side, and sd against diffusers."""
+    found = {path.stem: np.load(path) for path in images.glob("*.npy")}
+    pairs = [("sd-fp32", "sd-bf16"), ("diffusers-fp32", "diffusers-bf16"), ("sd-fp32", "diffusers-fp32"), ("sd-bf16", "diffusers-bf16")]
+    return {f"{a} vs {b}": psnr(found[a], found[b]) for a, b in pairs if a in found and b in found}
+
+
+def label(result: dict) -> str:
+    group, dtype = result["group"], result["dtype"]
+    if group == "load":
+        return f"{dtype} load {result['format']}"
+    if group == "components":
+        return f"{dtype} {result['size']}x{result['size']}"
+    return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
+
+
+def table(results: list[dict], flops: dict, peaks: dict) -> list[str]:
+    """One line per figure: sd and diffusers (min / median), their ratio of medians, sd's GFLOP/s."""
+    pairs = {}
+    for result in results:
+        if result["group"] != "peaks":
+            pairs.setdefault(label(result), {})[result["impl"]] = result
+    lines = [f"{'measurement':34} {'figure':14} {'sd min/med':>15} {'diffusers min/med':>18} {'sd/diff':>8} {'sd GFLOP/s (% of peak)':>24}"]
+    for name, pair in pairs.items():
+        sd, reference = pair["sd"], pair.get("diffusers", {})
+        for figure, ours in sd.items():
+            if not figure.endswith(("_s", "_gib")):
+                continue
+            theirs = reference.get(figure)
+            rate = ""
+            if sd["group"] == "components" and figure.endswith("_s"):
+                gflops = flops[(figure[:-2], sd["size"])] / ours["median"] / 1e9
+                peak = peaks["bf16_gflops" if compute_dtype(DTYPES[sd["dtype"]], CPU) == torch.bfloat16 else "fp32_gflops"]
+                rate = f"{gflops:8.1f} ({100 * gflops / peak:3.0f} %)"
+            ratio = f"{median(ours) / median(theirs):8.2f}" if theirs else f"{'-':>8}"
+            lines.append(f"{name:34} {figure:14} {pair_text(ours):>15} {pair_text(theirs):>18} {ratio} {rate:>24}")
+    return lines
+
+
+def median(figure) -> float:
     return figure["median"] if isinstance(figure, dict) else figure
 
 
-def print_table(results: list[dict]) -> None:
-    by_key = {}
-    for result in results:
-        by_key.setdefault(row_key(result), {})[result["impl"]] = result
-    print(f"\n{'measurement':52} {'figure':12} {'sd':>9} {'diffusers':>10} {'sd/diff':>8}  (medians)")
-    for key, pair in by_key.items():
-        label = " ".join(f"{v}" for k, v in key if v is not None and k != "group")
-        label = f"{dict(key)['group']} {label}"
-        for figure in pair.get("sd", {}):
-            if figure.endswith(("_s", "_gib")):
-                ours, theirs = (median(side.get(figure)) for side in (pair["sd"], pair.get("diffusers", {})))
-                reference = f"{theirs:10.2f} {ours / theirs:8.2f}" if theirs else f"{'-':>10}"
-                print(f"{label:52} {figure:12} {ours:9.2f} {reference}")
+def pair_text(figure) -> str:
+    if figure is None:
+        return "-"
+    if isinstance(figure, dict):
+        return f"{figure['min']:.2f} / {figure['median']:.2f}"
+    return f"{figure:.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", default=list(WORKERS), choices=list(WORKERS))
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", nargs="+", default=["load", "components", "generate"], choices=["load", "components", "generate"])
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
+    parser.add_argument("--steps", type=int, default=20, help="txt2img steps (default 20)")
+    parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
 
-    from checkpoints import random_sd15_state_dict, write_checkpoint
-
     with tempfile.TemporaryDirectory() as folder:
-        state = random_sd15_state_dict(seed=0)
-        files = {suffix: write_checkpoint(state, Path(folder) / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
-        del state
+        folder = Path(folder)
+        if args.checkpoints:
+            files = {path.suffix: path for path in args.checkpoints}
+            if ".safetensors" not in files:
+                sys.exit("--checkpoints needs a .safetensors file")
+        else:
+            from checkpoints import random_sd15_state_dict, write_checkpoint
+
+            state = random_sd15_state_dict(seed=0)
+            files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
+            del state
         results = []
-        for spec in plan(args, files):
+        for spec in plan(args, files, folder):
             results.append(measure(spec))
             print(json.dumps(results[-1]), flush=True)
-    print_table(results)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    args.output.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        psnrs = image_psnrs(folder)
+    peaks = next(result for result in results if result["group"] == "peaks")
+    results = merge_load_runs(results)
+    lines = table(results, stage_flops(args.sizes), peaks)
+    lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
+    lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
+    print("\n" + "\n".join(lines))
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "native_bf16": cpu_has_bf16(), "date": time.strftime("%Y-%m-%d")}
+    args.output.write_text(json.dumps({"machine": machine, "results": results, "psnr_db": psnrs, "table": lines}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Linear
+
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, length, width = x.shape
@@ -27,8 +29,8 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, num_heads: int, in_proj_bias: bool = True, out_proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
-        self.in_proj = nn.Linear(width, 3 * width, bias=in_proj_bias)
-        self.out_proj = nn.Linear(width, width, bias=out_proj_bias)
+        self.in_proj = Linear(width, 3 * width, bias=in_proj_bias)
+        self.out_proj = Linear(width, width, bias=out_proj_bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         # (B, L, C) -> 3 x (B, L, C)
@@ -46,10 +48,10 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, context_width: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(width, width, bias=False)
-        self.k_proj = nn.Linear(context_width, width, bias=False)
-        self.v_proj = nn.Linear(context_width, width, bias=False)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width, bias=False)
+        self.k_proj = Linear(context_width, width, bias=False)
+        self.v_proj = Linear(context_width, width, bias=False)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, L, C), context: (B, 77, 768) -> (B, heads, L or 77, C / heads)

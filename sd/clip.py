@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import SelfAttention
+from .layers import LayerNorm, Linear
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,11 @@ class CLIPLayer(nn.Module):
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(width)
+        self.layer_norm1 = LayerNorm(width)
         self.attention = SelfAttention(width, num_heads)
-        self.layer_norm2 = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
+        self.layer_norm2 = LayerNorm(width)
+        self.fc1 = Linear(width, 4 * width)
+        self.fc2 = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, 77, 768) throughout
@@ -46,11 +47,13 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Parameter(torch.empty(config.max_tokens, config.width))
         self.layers = nn.ModuleList(CLIPLayer(config.width, config.num_heads) for _ in range(config.num_layers))
-        self.final_layer_norm = nn.LayerNorm(config.width)
+        self.final_layer_norm = LayerNorm(config.width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dtype`: the type to compute in (see sd/layers.py); by default that of the weights."""
+        dtype = dtype or self.position_embedding.dtype
         # (B, 77) -> (B, 77, 768)
-        x = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        x = self.token_embedding(tokens).to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
         for layer in self.layers:
             x = layer(x)
         return self.final_layer_norm(x)

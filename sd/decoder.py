@@ -4,13 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d
 from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, 2H, 2W)
@@ -35,15 +36,15 @@ class Decoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(config, widths[-1])
         # Indexed like the encoder's levels (0 = full resolution) and run from the last to the first.
         self.up = nn.ModuleList(
             DecoderLevel(config, widths[min(i + 1, last)], widths[i], upsample=i > 0) for i in range(len(widths))
         )
         self.norm_out = group_norm(config, widths[0])
-        self.conv_out = nn.Conv2d(widths[0], config.image_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[0], config.image_channels, 3, padding=1)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         # (B, 4, h, w) -> (B, 512, h, w)

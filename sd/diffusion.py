@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class UNetConfig:
         return 4 * self.base_width
 
 
-def group_norm(config: UNetConfig, channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(config.num_groups, channels, eps=eps)
+def group_norm(config: UNetConfig, channels: int, eps: float = 1e-5) -> GroupNorm:
+    return GroupNorm(config.num_groups, channels, eps=eps)
 
 
 def timestep_embedding(timesteps: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -44,8 +45,8 @@ def timestep_embedding(timesteps: torch.Tensor, width: int, max_period: float = 
 class TimeEmbedding(nn.Module):
     def __init__(self, width: int, time_width: int):
         super().__init__()
-        self.linear_1 = nn.Linear(width, time_width)
-        self.linear_2 = nn.Linear(time_width, time_width)
+        self.linear_1 = Linear(width, time_width)
+        self.linear_2 = Linear(time_width, time_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, 320) -> (B, 1280)
@@ -58,11 +59,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, config: UNetConfig, in_channels: int, out_channels: int):
         super().__init__()
         self.norm1 = group_norm(config, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(config.time_width, out_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = Linear(config.time_width, out_channels)
         self.norm2 = group_norm(config, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         # (B, C_in, H, W) -> (B, C_out, H, W)
@@ -78,8 +79,8 @@ class GEGLU(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.proj_in = nn.Linear(width, 8 * width)
-        self.proj_out = nn.Linear(4 * width, width)
+        self.proj_in = Linear(width, 8 * width)
+        self.proj_out = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, L, C) -> 2 x (B, L, 4C)
@@ -91,11 +92,11 @@ class GEGLU(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, config: UNetConfig, width: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = LayerNorm(width)
         self.self_attention = SelfAttention(width, config.num_heads, in_proj_bias=False)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = LayerNorm(width)
         self.cross_attention = CrossAttention(width, config.context_width, config.num_heads)
-        self.norm3 = nn.LayerNorm(width)
+        self.norm3 = LayerNorm(width)
         self.feed_forward = GEGLU(width)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -111,9 +112,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, config: UNetConfig, width: int):
         super().__init__()
         self.norm = group_norm(config, width, eps=1e-6)
-        self.proj_in = nn.Conv2d(width, width, 1)
+        self.proj_in = Conv2d(width, width, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(config, width)])
-        self.proj_out = nn.Conv2d(width, width, 1)
+        self.proj_out = Conv2d(width, width, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -130,7 +131,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, H / 2, W / 2)
@@ -140,7 +141,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, 2H, 2W)
@@ -170,7 +171,7 @@ class UNet(nn.Module):
         self.time_embedding = TimeEmbedding(config.base_width, config.time_width)
 
         # Encoder half: each stage's output is kept as a skip connection for the decoder half.
-        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(config.in_channels, widths[0], 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Stage([Conv2d(config.in_channels, widths[0], 3, padding=1)])])
         skip_widths = [widths[0]]
         width = widths[0]
         for level, level_width in enumerate(widths):
@@ -202,7 +203,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.norm_out = group_norm(config, width)
-        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(width, config.out_channels, 3, padding=1)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])

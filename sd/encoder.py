@@ -4,13 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d
 from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Pad right and bottom only (as trained), so (B, C, H, W) -> (B, C, H / 2, W / 2).
@@ -35,15 +36,15 @@ class Encoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
-        self.conv_in = nn.Conv2d(config.image_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(config.image_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(
             EncoderLevel(config, widths[max(i - 1, 0)], widths[i], downsample=i < last) for i in range(len(widths))
         )
         self.mid = MidBlock(config, widths[-1])
         self.norm_out = group_norm(config, widths[-1])
         # Predicts the mean and the log-variance of each latent channel.
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         # (B, 3, H, W) -> (B, 128, H, W)

@@ -5,6 +5,7 @@ belongs to, renames turn the original layer names into ours, and the query, key 
 projections of each self-attention are concatenated into its one fused `in_proj`.
 """
 
+import ctypes
 import json
 import math
 import mmap
@@ -112,12 +113,28 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 
 
-class MappedSafetensors(dict):
-    """name -> tensor view into a private memory map of a .safetensors file: nothing is read until used.
+class MappedCheckpoint(dict):
+    """name -> tensor view into a private memory map of a checkpoint file: nothing is read until used.
 
-    Our own small reader rather than `safe_open`, so that `release_pages` can hand a tensor's pages
-    back to the kernel once it has been cast: the file then never sits in our memory beside its copy.
+    `release_pages` hands a tensor's pages back to the kernel once it has been cast, so the file never
+    sits in our memory beside its copy. Unmodified pages of a private file mapping are simply dropped
+    (and read again from the file if touched), so this is safe for pages shared with other tensors.
     """
+
+    def release_pages(self, tensor: torch.Tensor) -> None:
+        if _LIBC is None:
+            return
+        begin = tensor.data_ptr()
+        start = begin - begin % mmap.PAGESIZE
+        end = begin + tensor.numel() * tensor.element_size()
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+_LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None  # POSIX only
+
+
+class MappedSafetensors(MappedCheckpoint):
+    """A .safetensors file, read by our own small reader over a private memory map."""
 
     def __init__(self, path: Path):
         super().__init__()
@@ -127,7 +144,6 @@ class MappedSafetensors(dict):
                 self.memory = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
             except ValueError:  # an empty file
                 raise SDError(problem) from None
-        self.offsets = {}
         try:
             header_size = int.from_bytes(self.memory[:8], "little")
             header = json.loads(self.memory[8 : 8 + header_size])
@@ -139,15 +155,8 @@ class MappedSafetensors(dict):
                 dtype = SAFETENSORS_DTYPES[entry["dtype"]]
                 flat = torch.frombuffer(self.memory, dtype=dtype, count=math.prod(entry["shape"]), offset=begin)
                 self[name] = flat.view(entry["shape"])
-                self.offsets[name] = (begin, end)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise SDError(problem) from None
-
-    def release_pages(self, name: str) -> None:
-        begin, end = self.offsets[name]
-        # Unmodified pages of a private file mapping are simply dropped (and read again if touched).
-        start = begin - begin % mmap.PAGESIZE
-        self.memory.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -166,7 +175,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise SDError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of tensors; {SD15_HINT}")
-    return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    # torch.load(mmap=True) maps the file privately (its default), so the tensors are file pages too
+    return MappedCheckpoint((key, value) for key, value in checkpoint.items() if isinstance(value, torch.Tensor))
 
 
 def _first_line(error: Exception) -> str:
@@ -174,8 +184,10 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
-    """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival.
+def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu",
+            channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival, and with
+    `channels_last` lays out convolution kernels as (C_out, kH, kW, C_in) in memory.
 
     Empties `checkpoint` as it goes, so that each original tensor can be freed once cast.
     `expected` maps each of our parameter names to its shape. Raises SDError naming every
@@ -192,9 +204,10 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
         if name not in expected:
             unexpected.append(key)
             continue
-        parts.setdefault(name, {})[part] = cast = tensor.to(device=device, dtype=dtype)
-        if isinstance(checkpoint, MappedSafetensors) and cast.data_ptr() != tensor.data_ptr():
-            checkpoint.release_pages(key)
+        layout = torch.channels_last if channels_last and len(expected[name]) == 4 else torch.preserve_format
+        parts.setdefault(name, {})[part] = cast = tensor.to(device=device, dtype=dtype, memory_format=layout)
+        if isinstance(checkpoint, MappedCheckpoint) and cast.data_ptr() != tensor.data_ptr():
+            checkpoint.release_pages(tensor)
         original_names.setdefault(name, []).append(key)
     missing = [name for name in expected if name not in parts]
     _check_other_model(unexpected)

@@ -13,13 +13,13 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SDError
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .model_loader import load_models
+from .precision import compute_dtype, vae_dtype, weights_dtype
 from .samplers import SAMPLERS, KnownRegion, check_options, sample
 from .schedule import SD15, check_steps
 from .tokenizer import encode
 
 log = logging.getLogger("sd")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT_FACTOR = 8  # the VAE shrinks each side 8 times
 DEFAULT_CHECKPOINTS = [Path(__file__).resolve().parent.parent / "data" / f"v1-5-pruned-emaonly{suffix}" for suffix in (".safetensors", ".ckpt")]
 
@@ -61,7 +61,7 @@ def generate(
     check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta, mask_blur)
     check_mask_has_image(mask, input_image)
     device = pick_device(device)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
+    dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
@@ -69,7 +69,8 @@ def generate(
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
     if models is None:
         models = cached_models(checkpoint, device, dtype)
-    dtype = next(models["diffusion"].parameters()).dtype
+    stored = next(models["diffusion"].parameters()).dtype
+    dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
@@ -96,15 +97,15 @@ def generate(
         prompts = [negative_prompt] * num_images * guided + [prompt] * num_images
         with on_device(models["clip"], device, idle_device) as clip:
             # (2B or B, 77) -> (2B or B, 77, 768)
-            context = clip(encode(prompts).to(device))
+            context = clip(encode(prompts).to(device), dtype)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
-            image_latents = encode_image(encoder, image, generator, latent_shape, device, dtype) if needs_image_latents else None
+            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae) if needs_image_latents else None
             # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
             noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
             # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
-            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, dtype) if inpainting_model else None
+            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         with on_device(models["diffusion"], device, idle_device) as unet:
@@ -124,7 +125,7 @@ def generate(
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
-            pixels = decoder(x.to(dtype)).float()
+            pixels = decoder(x.to(vae)).float()
 
     images = [to_pil(p) for p in pixels]
     if known is not None:

@@ -171,11 +171,12 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, progress: 
     n = len(sigmas) - 1
     lambdas = -sigmas.double().log()  # (n + 1,) the last is inf: sigma 0
     denoised = []  # the last three x0 estimates, oldest first
+    step_start = x  # where the previous step started, for the corrector to redo it from
     for i in trange(n, disable=not progress):
         denoised = [*denoised, model(x, sigmas[i])][-3:]
         if i > 0:
-            x = exponential_step(x_start, sigmas[i - 1], sigmas[i], unipc_corrector_blend(denoised, lambdas, i))
-        x_start = x  # where this step starts, for the next call's corrector to redo it from
+            x = exponential_step(step_start, sigmas[i - 1], sigmas[i], unipc_corrector_blend(denoised, lambdas, i))
+        step_start = x
         if i == 0 or i == n - 1:
             blend = denoised[-1]
         else:

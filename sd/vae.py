@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention
+from .layers import Conv2d, GroupNorm
 
 # Latents are scaled by this so that they have roughly unit variance (original config: scale_factor).
 LATENT_SCALE = 0.18215
@@ -26,19 +27,19 @@ class VAEConfig:
         return [self.base_width * m for m in self.width_multipliers]
 
 
-def group_norm(config: VAEConfig, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(config.num_groups, channels, eps=1e-6)
+def group_norm(config: VAEConfig, channels: int) -> GroupNorm:
+    return GroupNorm(config.num_groups, channels, eps=1e-6)
 
 
 class ResidualBlock(nn.Module):
     def __init__(self, config: VAEConfig, in_channels: int, out_channels: int):
         super().__init__()
         self.norm1 = group_norm(config, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(config, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 convolution matches the channels of the shortcut when they change.
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C_in, H, W) -> (B, C_out, H, W)

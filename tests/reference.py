@@ -66,7 +66,7 @@ def reference_vae(path, plain_attention: bool = True):
     return vae
 
 
-def reference_clip(path):
+def reference_clip(path, plain_attention: bool = True):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     # transformers 5 names CLIPTextModel's tensors without the "text_model." level.
@@ -76,13 +76,15 @@ def reference_clip(path):
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
     )
-    config._attn_implementation = "eager"
-    clip = CLIPTextModel(config).eval().requires_grad_(False)
-    assert clip.config._attn_implementation == "eager"
-    missing, unexpected = clip.load_state_dict(state, strict=False)
+    config._attn_implementation = "eager" if plain_attention else "sdpa"
+    with torch.device("meta"):
+        clip = CLIPTextModel(config)
+    missing, unexpected = clip.load_state_dict(state, strict=False, assign=True)
     # position_ids is a buffer transformers builds itself, not a weight.
     assert not unexpected and all(key.endswith("position_ids") for key in missing), (missing, unexpected)
-    return clip
+    clip.embeddings.position_ids = torch.arange(config.max_position_embeddings)[None]
+    assert clip.config._attn_implementation == config._attn_implementation
+    return clip.eval().requires_grad_(False)
 
 
 def reference_tokenizer():
@@ -99,7 +101,7 @@ def reference_pipeline(path, scheduler, plain_attention: bool = True):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=reference_vae(path, plain_attention), text_encoder=reference_clip(path), tokenizer=reference_tokenizer(),
+        vae=reference_vae(path, plain_attention), text_encoder=reference_clip(path, plain_attention), tokenizer=reference_tokenizer(),
         unet=reference_unet(path, plain_attention), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
