@@ -19,16 +19,13 @@ class Downsample(nn.Module):
 
 
 class EncoderLevel(nn.Module):
+    """The blocks of one resolution, then 2x downsampling (none at the lowest); Encoder.forward runs them."""
+
     def __init__(self, config: VAEConfig, in_channels: int, out_channels: int, downsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * config.blocks_per_level
         self.block = nn.ModuleList(ResidualBlock(config, a, b) for a, b in zip(widths, widths[1:]))
         self.downsample = Downsample(out_channels) if downsample else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.downsample(x)
 
 
 class Encoder(nn.Module):
@@ -50,8 +47,11 @@ class Encoder(nn.Module):
         # (B, 3, H, W) -> (B, 128, H, W)
         x = self.conv_in(image)
         # (B, 128, H, W) -> (B, 512, H / 8, W / 8)
+        # run from here, not from a level's forward, whose caller would keep the level's input alive throughout
         for level in self.down:
-            x = level(x)
+            for block in level.block:
+                x = block(x)
+            x = level.downsample(x)
         x = self.mid(x)
         # (B, 512, H / 8, W / 8) -> (B, 8, H / 8, W / 8)
         moments = self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))

@@ -30,7 +30,9 @@ def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Ten
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get((device, dtype))
     if buffer is None or buffer.numel() < needed:
-        buffer = buffers[(device, dtype)] = torch.empty(needed, dtype=dtype, device=device)
+        # an ordinary tensor, not an inference one: those cannot be written outside torch.inference_mode()
+        with torch.inference_mode(False):
+            buffer = buffers[(device, dtype)] = torch.empty(needed, dtype=dtype, device=device)
     cast, offset = [], 0
     for tensor in tensors:
         if tensor is None:
@@ -40,6 +42,11 @@ def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Ten
         cast.append(view.copy_(tensor))
         offset += tensor.numel()
     return cast
+
+
+def release_scratch() -> None:
+    """Frees this thread's cast buffers (a stage done with its weights need not keep the largest one's copy)."""
+    _scratch.__dict__.pop("buffers", None)
 
 
 class Linear(nn.Linear):
