@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -232,17 +233,21 @@ def merge_load_runs(results: list[dict]) -> list[dict]:
 
 def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
     """Floating-point operations of each stage at each size, counted on our models on the meta device
-    (no memory, no arithmetic); diffusers does the same operations."""
+    (no memory, no arithmetic). Our decoder folds each upsampling convolution into 16/36 of its work
+    (sd/decoder.py); it is counted here as diffusers computes it, a 3x3 convolution of the upsampled
+    image, so that both do the same count of operations and GFLOP/s compare."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sd.clip import CLIP
-    from sd.decoder import Decoder
+    from sd.decoder import Decoder, Upsample
     from sd.diffusion import UNet
     from sd.encoder import Encoder
 
     flops = {}
     with torch.device("meta"):
         clip, unet, decoder, encoder = CLIP(), UNet(), Decoder(), Encoder()
+        for upsample in (module for module in decoder.modules() if isinstance(module, Upsample)):
+            upsample.forward = lambda x, conv=upsample.conv: conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         for size in sizes:
             latents = torch.empty(2, 4, size // 8, size // 8)
             calls = {

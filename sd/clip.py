@@ -44,7 +44,9 @@ class CLIPLayer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig = CLIPConfig()):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        # Plain parameters rather than nn.Embedding, whose initialiser (run even on the meta device)
+        # imports torch._dynamo: 1.6 s of every load.
+        self.token_embedding = nn.Parameter(torch.empty(config.vocab_size, config.width))
         self.position_embedding = nn.Parameter(torch.empty(config.max_tokens, config.width))
         self.layers = nn.ModuleList(CLIPLayer(config.width, config.num_heads) for _ in range(config.num_layers))
         self.final_layer_norm = LayerNorm(config.width)
@@ -53,7 +55,7 @@ class CLIP(nn.Module):
         """`dtype`: the type to compute in (see sd/layers.py); by default that of the weights."""
         dtype = dtype or self.position_embedding.dtype
         # (B, 77) -> (B, 77, 768)
-        x = self.token_embedding(tokens).to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
+        x = self.token_embedding[tokens].to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
         for layer in self.layers:
             x = layer(x)
         return self.final_layer_norm(x)

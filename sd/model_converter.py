@@ -51,7 +51,7 @@ RENAMES = [
     (r"\.nin_shortcut\.", ".shortcut."),
     (r"\.attn_1\.proj_out\.", ".attn_1.attention.out_proj."),
     # CLIP
-    (r"^clip\.embeddings\.token_embedding\.", "clip.token_embedding."),
+    (r"^clip\.embeddings\.token_embedding\.weight$", "clip.token_embedding"),
     (r"^clip\.embeddings\.position_embedding\.weight$", "clip.position_embedding"),
     (r"^clip\.encoder\.layers\.", "clip.layers."),
     (r"\.self_attn\.out_proj\.", ".attention.out_proj."),
