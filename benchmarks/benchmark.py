@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from sd.layers import linear_as_convolution  # noqa: E402
 from sd.precision import DTYPES, compute_dtype, cpu_has_bf16  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -85,13 +86,15 @@ def load_diffusers(checkpoint: Path, dtype: torch.dtype):
 
 
 def worker_peaks(**_) -> dict:
-    """The best matmul rate of each dtype: what a step could reach at most. Smaller matrices for bf16,
-    which runs at well under 1 GFLOP/s on a CPU without bf16 instructions."""
+    """The best matrix-product rate of each dtype: what a step could reach at most. Each dtype's best of
+    torch.mm (MKL for fp32, oneDNN for bf16) and the same product as a 1x1 convolution (oneDNN), which on AMD
+    CPUs runs fp32 about twice as fast as MKL. Smaller matrices for bf16 on a CPU without bf16 instructions,
+    where it runs at well under 10 GFLOP/s."""
     peaks = {}
     for name, size in (("fp32", 2048), ("bf16", 2048 if cpu_has_bf16() else 512)):
         a, b = torch.randn(size, size).to(DTYPES[name]), torch.randn(size, size).to(DTYPES[name])
-        a @ b
-        best = min(timed_once(lambda: a @ b) for _ in range(3))
+        products = (lambda: a @ b, lambda: linear_as_convolution(a[None], b, None))
+        best = min(timed_once(product) for product in products for _ in range(4))
         peaks[f"{name}_gflops"] = 2 * size**3 / best / 1e9
     return peaks
 
@@ -233,20 +236,21 @@ def merge_load_runs(results: list[dict]) -> list[dict]:
 
 def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
     """Floating-point operations of each stage at each size, counted on our models on the meta device
-    (no memory, no arithmetic). Our decoder folds each upsampling convolution into 16/36 of its work
-    (sd/decoder.py); it is counted here as diffusers computes it, a 3x3 convolution of the upsampled
+    (no memory, no arithmetic). Our U-Net and decoder fold each upsampling convolution into 16/36 of its
+    work (sd/layers.py); it is counted here as diffusers computes it, a 3x3 convolution of the upsampled
     image, so that both do the same count of operations and GFLOP/s compare."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sd.clip import CLIP
-    from sd.decoder import Decoder, Upsample
+    from sd.decoder import Decoder
     from sd.diffusion import UNet
     from sd.encoder import Encoder
+    from sd.layers import Upsample
 
     flops = {}
     with torch.device("meta"):
         clip, unet, decoder, encoder = CLIP(), UNet(), Decoder(), Encoder()
-        for upsample in (module for module in decoder.modules() if isinstance(module, Upsample)):
+        for upsample in (module for model in (unet, decoder) for module in model.modules() if isinstance(module, Upsample)):
             upsample.forward = lambda x, conv=upsample.conv: conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         for size in sizes:
             latents = torch.empty(2, 4, size // 8, size // 8)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import Conv2d, GroupNorm, LayerNorm, Linear
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,12 @@ class GEGLU(nn.Module):
         self.proj_out = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, L, C) -> 2 x (B, L, 4C)
-        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        # The two halves of proj_in as separate products over views of its weight, so that each output is
+        # contiguous and the gating runs in place. (B, L, C) -> 2 x (B, L, 4C)
+        weight, bias = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
+        hidden, gate = (linear(x, w, b) for w, b in zip(weight, bias))
         # (B, L, 4C) -> (B, L, C)
-        return self.proj_out(hidden * F.gelu(gate))
+        return self.proj_out(hidden.mul_(F.gelu(gate)))
 
 
 class TransformerBlock(nn.Module):
@@ -136,16 +138,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, H / 2, W / 2)
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Stage(nn.ModuleList):

@@ -114,20 +114,20 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 class MappedCheckpoint(dict):
-    """name -> tensor view into a private memory map of a checkpoint file: nothing is read until used.
+    """name -> tensor view into a private memory map of a checkpoint file: nothing is read until used."""
 
-    `release_pages` hands a tensor's pages back to the kernel once it has been cast, so the file never
-    sits in our memory beside its copy. Unmodified pages of a private file mapping are simply dropped
-    (and read again from the file if touched), so this is safe for pages shared with other tensors.
-    """
 
-    def release_pages(self, tensor: torch.Tensor) -> None:
-        if _LIBC is None:
-            return
-        begin = tensor.data_ptr()
-        start = begin - begin % mmap.PAGESIZE
-        end = begin + tensor.numel() * tensor.element_size()
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+def release_pages(tensor: torch.Tensor) -> None:
+    """Hands the pages of a tensor that lies in a private file mapping back to the kernel: our memory no longer
+    holds them, and the next use reads them again from the file (from the page cache, if it kept them).
+    Unmodified pages of a private file mapping are simply dropped, so this is safe for pages shared with
+    other tensors of the file, and must never be used on ordinary memory, whose contents it would zero."""
+    if _LIBC is None:
+        return
+    begin = tensor.data_ptr()
+    start = begin - begin % mmap.PAGESIZE
+    end = begin + tensor.numel() * tensor.element_size()
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 _LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None  # POSIX only
@@ -185,16 +185,19 @@ def _first_line(error: Exception) -> str:
 
 
 def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu",
-            channels_last: bool = False) -> dict[str, torch.Tensor]:
+            channels_last: bool = False, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival, and with
-    `channels_last` lays out convolution kernels as (C_out, kH, kW, C_in) in memory.
+    `channels_last` lays out convolution kernels as (C_out, kH, kW, C_in) in memory. Tensors whose new
+    names start with a prefix in `keep` stay as the checkpoint has them (dtype, layout and memory-mapped
+    pages), except fused ones, which become new tensors in `dtype`.
 
-    Empties `checkpoint` as it goes, so that each original tensor can be freed once cast.
-    `expected` maps each of our parameter names to its shape. Raises SDError naming every
-    missing, unexpected or misshapen tensor.
+    Empties `checkpoint` as it goes, so that each original tensor can be freed once cast (a memory-mapped
+    one's pages are handed back). `expected` maps each of our parameter names to its shape. Raises SDError
+    naming every missing, unexpected or misshapen tensor.
     """
     parts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected, original_names = [], {}
+    mapped = isinstance(checkpoint, MappedCheckpoint)
     while checkpoint:
         key, tensor = checkpoint.popitem()
         target = target_name(key)
@@ -204,16 +207,19 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
         if name not in expected:
             unexpected.append(key)
             continue
-        layout = torch.channels_last if channels_last and len(expected[name]) == 4 else torch.preserve_format
-        parts.setdefault(name, {})[part] = cast = tensor.to(device=device, dtype=dtype, memory_format=layout)
-        if isinstance(checkpoint, MappedCheckpoint) and cast.data_ptr() != tensor.data_ptr():
-            checkpoint.release_pages(tensor)
+        if name.startswith(keep):
+            parts.setdefault(name, {})[part] = tensor
+        else:
+            layout = torch.channels_last if channels_last and len(expected[name]) == 4 else torch.preserve_format
+            parts.setdefault(name, {})[part] = cast = tensor.to(device=device, dtype=dtype, memory_format=layout)
+            if mapped and cast.data_ptr() != tensor.data_ptr():
+                release_pages(tensor)
         original_names.setdefault(name, []).append(key)
     missing = [name for name in expected if name not in parts]
     _check_other_model(unexpected)
     state, wrong_shapes = {}, []
     for name, pieces in parts.items():
-        tensor = _assemble(pieces, expected[name])
+        tensor = _assemble(pieces, expected[name], dtype)
         if tensor is None:
             wrong_shapes.append(f"{'+'.join(original_names[name])} {[list(p.shape) for p in pieces.values()]} (expected {list(expected[name])})")
         else:
@@ -230,15 +236,16 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     return state
 
 
-def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
-    """Joins fused q/k/v parts and flattens 1x1 convolutions used as linear layers; None if the shape is wrong."""
+def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """Joins fused q/k/v parts (into `dtype`) and flattens 1x1 convolutions used as linear layers; None if
+    the shape is wrong."""
     if sorted(pieces) not in ([0], [0, 1, 2]):
         return None
     ordered = [pieces[i] for i in sorted(pieces)]
     if len(shape) == 2:
         # (C_out, C_in, 1, 1) -> (C_out, C_in)
         ordered = [p.flatten(1) if p.dim() == 4 and p.shape[2:] == (1, 1) else p for p in ordered]
-    tensor = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
+    tensor = ordered[0] if len(ordered) == 1 else torch.cat([p.to(dtype) for p in ordered])
     return tensor if tensor.shape == shape else None
 
 

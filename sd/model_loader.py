@@ -9,28 +9,47 @@ from .clip import CLIP
 from .decoder import Decoder
 from .diffusion import UNet, UNetConfig
 from .encoder import Encoder
-from .model_converter import convert, read_checkpoint
+from .model_converter import convert, read_checkpoint, release_pages
 
 UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+# Models that keep the checkpoint's own tensors on a CPU (see load_models).
+MAPPED_MODELS = ("clip.", "encoder.")
 
 
 def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode."""
+    """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode.
+
+    The U-Net and the decoder hold their weights in `dtype`. On a CPU the text encoder and the VAE encoder,
+    which run once per prompt or image, keep the checkpoint's memory-mapped tensors as they are (cast on
+    use, sd/layers.py): their `mapped_parameters` can be handed back to the file after each use
+    (`release_mapped`), so that they take no memory while the U-Net and the decoder run.
+    """
     tensors = read_checkpoint(checkpoint)
     unet_config = UNetConfig(in_channels=_unet_in_channels(tensors))
     # On the meta device a model has shapes but no memory and no random initialisation.
     with torch.device("meta"):
         models = {"clip": CLIP(), "encoder": Encoder(), "decoder": Decoder(), "diffusion": UNet(unet_config)}
     expected = {f"{name}.{key}": value.shape for name, model in models.items() for key, value in model.state_dict().items()}
+    on_cpu = torch.device(device).type == "cpu"
+    file_pages = {tensor.data_ptr() for tensor in tensors.values()} if on_cpu else set()
     # channels_last convolutions are 10-20 % faster on CPU (oneDNN) and on CUDA; MPS gains nothing
-    state = convert(tensors, expected, dtype, device, channels_last=torch.device(device).type != "mps")
+    state = convert(tensors, expected, dtype, device, channels_last=torch.device(device).type != "mps",
+                    keep=MAPPED_MODELS if on_cpu else ())
     for name, model in models.items():
         prefix = name + "."
         own = {key[len(prefix):]: state.pop(key) for key in list(state) if key.startswith(prefix)}
         # assign=True adopts our tensors as the parameters instead of copying into the meta ones.
         model.load_state_dict(own, strict=True, assign=True)
         model.eval().requires_grad_(False)
+        if prefix in MAPPED_MODELS:
+            model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
     return models
+
+
+def release_mapped(model: nn.Module) -> None:
+    """Drops the model's memory-mapped weights from memory; they are read again from the file when next used."""
+    for parameter in getattr(model, "mapped_parameters", ()):
+        release_pages(parameter)
 
 
 def _unet_in_channels(tensors: dict[str, torch.Tensor]) -> int:

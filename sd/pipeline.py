@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SDError
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch
-from .model_loader import load_models
+from .model_loader import load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .samplers import SAMPLERS, KnownRegion, check_options, sample
 from .schedule import SD15, check_steps
@@ -227,7 +227,8 @@ def cached_models(checkpoint: str | Path | None, device: torch.device, dtype: to
 
 
 class on_device:
-    """Moves a model to `device` for a stage, and to `idle_device` (if given) once the stage is done."""
+    """Moves a model to `device` for a stage; once the stage is done, to `idle_device` (if given), and hands its
+    memory-mapped weights back to the file (sd/model_loader.py)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, idle_device):
         self.model, self.device, self.idle_device = model, device, idle_device
@@ -238,6 +239,7 @@ class on_device:
     def __exit__(self, *exc) -> None:
         if self.idle_device is not None:
             self.model.to(self.idle_device)
+        release_mapped(self.model)
         release_memory()
 
 

@@ -74,14 +74,18 @@ def test_cast_keeps_memory_layout_and_skips_matching_dtypes():
 
 
 def test_convolution_kernels_load_channels_last(models):
-    kernels = [p for model in models.values() for p in model.parameters() if p.dim() == 4]
+    """The U-Net's and the decoder's; the image encoder keeps the checkpoint's tensors and casts its kernels
+    channels_last on use (tests/test_cpu_paths.py)."""
+    kernels = [p for name in ("diffusion", "decoder") for p in models[name].parameters() if p.dim() == 4]
     assert len(kernels) > 100
     assert all(kernel.is_contiguous(memory_format=torch.channels_last) for kernel in kernels)
 
 
 def test_bf16_weights_give_nearly_the_fp32_image(models, safetensors_checkpoint):
-    """bf16 keeps 8 bits of mantissa, so each weight moves by up to 0.4 %; on this random checkpoint the
-    image then differs from fp32 by about 49 dB PSNR (a wrong cast or layout would be near 10 dB)."""
+    """bf16 keeps 8 bits of mantissa, so each weight moves by up to 0.4 %. On this random checkpoint the
+    image then differs from fp32 by about 49 dB PSNR where bf16 weights compute in fp32 (a CPU without
+    bf16 instructions), and by about 35 dB where every activation is bf16 too, whether the attention runs
+    in pieces (sd/attention.py) or in PyTorch's fused kernel; a wrong cast or layout would be near 10 dB."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     settings = dict(prompt="a cat", sampler="ddim", steps=3, width=64, height=64, latents=latents, progress=False)
     full = np.asarray(generate(**settings, models=models)[0], dtype=np.float64)
@@ -89,4 +93,4 @@ def test_bf16_weights_give_nearly_the_fp32_image(models, safetensors_checkpoint)
     half = np.asarray(generate(**settings, models=half_models)[0], dtype=np.float64)
     del half_models
     psnr = 10 * math.log10(255**2 / ((full - half) ** 2).mean())
-    assert psnr > 40, psnr
+    assert psnr > 30, psnr

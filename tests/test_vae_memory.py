@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.decoder import Upsample
+from sd.layers import Upsample
 from sd.layers import _scratch, cast_to, release_scratch
 from sd.pipeline import release_memory
 
