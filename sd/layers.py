@@ -42,8 +42,10 @@ def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None, channels_last: bo
         if tensor is None:
             cast.append(None)
             continue
-        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
-        strides = torch.empty_like(tensor, device="meta", memory_format=layout).stride()
+        # called for every layer of every step: derive channels_last strides only where asked
+        strides = tensor.stride()
+        if channels_last and tensor.dim() == 4:
+            strides = torch.empty(tensor.shape, device="meta", memory_format=torch.channels_last).stride()
         view = buffer.as_strided(tensor.shape, strides, offset)
         cast.append(view.copy_(tensor))
         offset += tensor.numel()

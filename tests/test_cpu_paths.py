@@ -90,11 +90,11 @@ def test_mapped_text_encoder_weights_leave_memory_and_come_back_unchanged(models
     tokens = encode(["a lighthouse at dusk"])
     with torch.inference_mode():
         before = clip(tokens)
-        touched = sum(p.sum().item() for p in clip.mapped_parameters)  # every page resident
+        for parameter in clip.mapped_parameters:
+            parameter.sum()  # reads every page, so all of them are resident
         resident = resident_mib()
         release_mapped(clip)
         released = resident_mib()
         after = clip(tokens)
-    assert torch.isfinite(torch.tensor(touched))
     assert resident - released > 0.9 * mapped_mib, (resident, released, mapped_mib)
     assert torch.equal(before, after)

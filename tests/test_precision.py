@@ -93,4 +93,5 @@ def test_bf16_weights_give_nearly_the_fp32_image(models, safetensors_checkpoint)
     half = np.asarray(generate(**settings, models=half_models)[0], dtype=np.float64)
     del half_models
     psnr = 10 * math.log10(255**2 / ((full - half) ** 2).mean())
-    assert psnr > 30, psnr
+    native = precision.compute_dtype(torch.bfloat16, CPU) == torch.bfloat16
+    assert psnr > (30 if native else 40), psnr
