@@ -66,12 +66,13 @@ class ResidualBlock(nn.Module):
         self.shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
+        # (B, C_in, H, W) -> (B, C_out, H, W); in place on temporaries, which saves allocating (and
+        # page-faulting in) a new tensor for each
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         # (B, 1280) -> (B, C_out, 1, 1), broadcast over every pixel
-        h = h + self.time_proj(F.silu(time))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.shortcut(x) + h
+        h += self.time_proj(F.silu(time))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.shortcut(x))
 
 
 class GEGLU(nn.Module):
@@ -83,10 +84,15 @@ class GEGLU(nn.Module):
         self.proj_out = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The two halves of proj_in as separate products over views of its weight, so that each output is
-        # contiguous and the gating runs in place. (B, L, C) -> 2 x (B, L, 4C)
-        weight, bias = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
-        hidden, gate = (linear(x, w, b) for w, b in zip(weight, bias))
+        # (B, L, C) -> 2 x (B, L, 4C): the hidden layer and its gate
+        if self.proj_in.weight.is_mkldnn:
+            # a packed weight (sd/layers.py) has no halves to take: one product, then views of its halves
+            hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        else:
+            # two products over views of the weight, so that each output is contiguous (faster to gate and
+            # to multiply by proj_out than strided views)
+            weight, bias = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
+            hidden, gate = (linear(x, w, b) for w, b in zip(weight, bias))
         # (B, L, 4C) -> (B, L, C)
         return self.proj_out(hidden.mul_(F.gelu(gate)))
 
@@ -127,7 +133,7 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         # (B, H * W, C) -> (B, C, H, W)
         h = h.transpose(1, 2).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        return self.proj_out(h).add_(x)
 
 
 class Downsample(nn.Module):

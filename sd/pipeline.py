@@ -1,10 +1,8 @@
 """`generate()`: text (and optionally an image) in, images out."""
 
-import ctypes
 import logging
 import os
 import random
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import SDError
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
-from .layers import release_scratch
+from .layers import release_scratch, trim_heap
 from .model_loader import load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .samplers import SAMPLERS, KnownRegion, check_options, sample
@@ -243,16 +241,12 @@ class on_device:
         release_memory()
 
 
-_GLIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-
-
 def release_memory() -> None:
     """Gives back what a finished stage freed, so that it does not add to the next stage's peak: the weight
     cast buffers (118 MB for the U-Net in fp32) and, with glibc, the heap pages that the stage's many
     temporaries leave behind (0.3 GiB after a 512x512 U-Net run on CPU)."""
     release_scratch()
-    if hasattr(_GLIBC, "malloc_trim"):
-        _GLIBC.malloc_trim(0)
+    trim_heap()
 
 
 def read_image(image: Image.Image | str | Path, what: str) -> Image.Image:
