@@ -1,12 +1,13 @@
 """sd against diffusers on the same random full-size SD 1.5 weights, each measurement in a fresh process.
 
     make bench                                               # everything below, fp32 and bf16
-    .venv/bin/python benchmarks/benchmark.py --only load     # groups: load, components, generate
+    .venv/bin/python benchmarks/benchmark.py --only load     # groups: load, components, turns, generate
     .venv/bin/python benchmarks/benchmark.py --sizes 256 --steps 4 --dtypes bf16   # quicker
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
-step, VAE decode and encode at each size, and a whole txt2img run. It prints a table with the ratio
+step, VAE decode and encode at each size, U-Net steps of both sides taken in turn in one process (the
+ratio least moved by the machine's drifting speed), and a whole txt2img run. It prints a table with the ratio
 sd/diffusers, the GFLOP/s reached against the matmul peak, and the PSNR between the fp32 and bf16
 images, and writes every figure to benchmarks/results.json.
 
@@ -174,7 +175,27 @@ def worker_components(impl: str, checkpoint: Path, dtype: torch.dtype, size: int
     return results
 
 
-WORKERS = {"peaks": worker_peaks, "load": worker_load, "components": worker_components, "generate": worker_generate}
+def worker_turns(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
+    """One guided U-Net step (batch 2) of each side in turn, both models in one process: a slow spell of the
+    machine (its speed drifts by 10-15 % over minutes here) then falls on both sides alike, which makes this
+    the steadiest ratio of the two. Each side's own peak memory is in the components figures."""
+    compute = compute_dtype(dtype, CPU)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, 768, generator=generator).to(compute)
+    ours, theirs = load_sd(checkpoint, dtype)["diffusion"], load_diffusers(checkpoint, dtype).unet
+    steps = {"sd": lambda: ours(latents, context, 500), "diffusers": lambda: theirs(latents, 500, encoder_hidden_states=context)}
+    seconds = {impl: [] for impl in steps}
+    for turn in range(repeat + 1):  # the first turn warms up
+        for impl, step in steps.items():
+            elapsed = timed_once(step)
+            if turn:
+                seconds[impl].append(elapsed)
+    ratios = [a / b for a, b in zip(seconds["sd"], seconds["diffusers"])]
+    return {"sd_unet_step_s": summary(seconds["sd"]), "diffusers_unet_step_s": summary(seconds["diffusers"]), "ratio": summary(ratios)}
+
+
+WORKERS = {"peaks": worker_peaks, "load": worker_load, "components": worker_components, "generate": worker_generate, "turns": worker_turns}
 
 
 def run_worker(spec: dict) -> dict:
@@ -208,6 +229,8 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
             pairs += [dict(group="components", size=size, repeat=args.repeat, checkpoint=str(files[".safetensors"])) for size in args.sizes]
         if "generate" in args.only:
             pairs.append(dict(group="generate", size=max(args.sizes), steps=args.steps, checkpoint=str(files[".safetensors"])))
+        if "turns" in args.only:
+            specs.append(dict(group="turns", size=max(args.sizes), repeat=2 * args.repeat, checkpoint=str(files[".safetensors"]), dtype=dtype))
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
@@ -216,9 +239,15 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
 
 
 def merge_load_runs(results: list[dict]) -> list[dict]:
-    """One entry per load setting, its runs (each a fresh process) summarised as min and median."""
+    """One entry per load setting, its runs (each a fresh process) summarised as min and median; each U-Net
+    steps-in-turn result split into one entry per side."""
     merged, loads = [], {}
     for result in results:
+        if result["group"] == "turns":
+            common = {key: value for key, value in result.items() if not key.endswith(("_s", "ratio", "_gib"))}
+            merged += [{**common, "impl": impl, "unet_step_s": result[f"{impl}_unet_step_s"]} for impl in ("sd", "diffusers")]
+            merged[-2]["ratio_of_turns"] = result["ratio"]
+            continue
         if result["group"] != "load":
             merged.append(result)
             continue
@@ -285,6 +314,8 @@ def label(result: dict) -> str:
         return f"{dtype} load {result['format']}"
     if group == "components":
         return f"{dtype} {result['size']}x{result['size']}"
+    if group == "turns":
+        return f"{dtype} {result['size']}x{result['size']} steps in turn"
     return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
 
 
@@ -307,6 +338,8 @@ def table(results: list[dict], flops: dict, peaks: dict) -> list[str]:
                 peak = peaks["bf16_gflops" if compute_dtype(DTYPES[sd["dtype"]], CPU) == torch.bfloat16 else "fp32_gflops"]
                 rate = f"{gflops:8.1f} ({100 * gflops / peak:3.0f} %)"
             ratio = f"{median(ours) / median(theirs):8.2f}" if theirs else f"{'-':>8}"
+            if "ratio_of_turns" in sd:
+                rate = f"median of ratios {sd['ratio_of_turns']['median']:.2f}"
             lines.append(f"{name:34} {figure:14} {pair_text(ours):>15} {pair_text(theirs):>18} {ratio} {rate:>24}")
     return lines
 
@@ -326,7 +359,8 @@ def pair_text(figure) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", default=["load", "components", "generate"], choices=["load", "components", "generate"])
+    groups = ["load", "components", "turns", "generate"]
+    parser.add_argument("--only", nargs="+", default=groups, choices=groups)
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")

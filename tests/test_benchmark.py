@@ -33,8 +33,12 @@ def test_benchmark_measures_every_figure_for_both_implementations(checkpoint_fil
             generated = next(r for r in mine if r["group"] == "generate")
             # one U-Net call per step
             assert generated["total_s"] > 0 and generated["unet_step_s"]["runs"] == 2
+            turns = next(r for r in mine if r["group"] == "turns")
+            assert turns["unet_step_s"]["runs"] == 2 and turns["unet_step_s"]["median"] > 0
+        ratios = next(r for r in results if r["group"] == "turns" and r["dtype"] == dtype and r["impl"] == "sd")["ratio_of_turns"]
+        assert ratios["runs"] == 2 and ratios["median"] > 0
     # same seed and weights: the images must agree (DDPM draws the same noise on both sides)
     assert report["psnr_db"]["sd-fp32 vs diffusers-fp32"] > 40
     assert report["psnr_db"]["sd-fp32 vs sd-bf16"] > 0
     table = "\n".join(report["table"])
-    assert "sd/diff" in table and "fp32 64x64" in table and "PSNR sd-fp32 vs sd-bf16" in finished.stdout
+    assert "sd/diff" in table and "fp32 64x64" in table and "steps in turn" in table and "PSNR sd-fp32 vs sd-bf16" in finished.stdout
