@@ -238,15 +238,15 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
     return specs
 
 
-def merge_load_runs(results: list[dict]) -> list[dict]:
+def merge_results(results: list[dict]) -> list[dict]:
     """One entry per load setting, its runs (each a fresh process) summarised as min and median; each U-Net
-    steps-in-turn result split into one entry per side."""
+    steps-in-turn result split into one entry per side, as the table pairs them (the ratios go with sd's)."""
     merged, loads = [], {}
     for result in results:
         if result["group"] == "turns":
             common = {key: value for key, value in result.items() if not key.endswith(("_s", "ratio", "_gib"))}
-            merged += [{**common, "impl": impl, "unet_step_s": result[f"{impl}_unet_step_s"]} for impl in ("sd", "diffusers")]
-            merged[-2]["ratio_of_turns"] = result["ratio"]
+            ours = {**common, "impl": "sd", "unet_step_s": result["sd_unet_step_s"], "ratio_of_turns": result["ratio"]}
+            merged += [ours, {**common, "impl": "diffusers", "unet_step_s": result["diffusers_unet_step_s"]}]
             continue
         if result["group"] != "load":
             merged.append(result)
@@ -361,7 +361,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
     parser.add_argument("--only", nargs="+", default=groups, choices=groups)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
     parser.add_argument("--steps", type=int, default=20, help="txt2img steps (default 20)")
@@ -390,7 +390,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
         psnrs = image_psnrs(folder)
     peaks = next(result for result in results if result["group"] == "peaks")
-    results = merge_load_runs(results)
+    results = merge_results(results)
     lines = table(results, stage_flops(args.sizes), peaks)
     lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
