@@ -143,13 +143,19 @@ def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, 
     return {"total_s": total, "unet_step_s": summary(unet_seconds)}
 
 
+def unet_inputs(size: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and text context for one guided U-Net step (batch 2) at `size`, drawn from `generator`."""
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
+    context = torch.randn(2, 77, 768, generator=generator).to(dtype)
+    return latents, context
+
+
 def worker_components(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
     """Each stage alone, inputs in the dtype the models compute in: text encoding, one guided U-Net
     step (batch 2), VAE decode and encode (batch 1). A warm-up call first, which pages the weights in."""
     compute = compute_dtype(dtype, CPU)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
-    context = torch.randn(2, 77, 768, generator=generator).to(compute)
+    latents, context = unet_inputs(size, compute, generator)
     image = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(compute)
     tokens = torch.randint(0, 49406, (2, 77), generator=generator)
     if impl == "sd":
@@ -179,10 +185,7 @@ def worker_turns(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, *
     """One guided U-Net step (batch 2) of each side in turn, both models in one process: a slow spell of the
     machine (its speed drifts by 10-15 % over minutes here) then falls on both sides alike, which makes this
     the steadiest ratio of the two. Each side's own peak memory is in the components figures."""
-    compute = compute_dtype(dtype, CPU)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
-    context = torch.randn(2, 77, 768, generator=generator).to(compute)
+    latents, context = unet_inputs(size, compute_dtype(dtype, CPU), torch.Generator().manual_seed(0))
     ours, theirs = load_sd(checkpoint, dtype)["diffusion"], load_diffusers(checkpoint, dtype).unet
     steps = {"sd": lambda: ours(latents, context, 500), "diffusers": lambda: theirs(latents, 500, encoder_hidden_states=context)}
     seconds = {impl: [] for impl in steps}
