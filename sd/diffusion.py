@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear, pack_linear_weight
 
 
 @dataclass(frozen=True)
@@ -80,21 +80,34 @@ class GEGLU(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.proj_in = Linear(width, 8 * width)
+        self.proj_in = Linear(width, 8 * width)  # the hidden layer's weights, then the gate's
         self.proj_out = Linear(4 * width, width)
+        self.packed: tuple[torch.Tensor, ...] | None = None  # see pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, L, C) -> 2 x (B, L, 4C): the hidden layer and its gate
-        if self.proj_in.weight.is_mkldnn:
-            # a packed weight (sd/layers.py) has no halves to take: one product, then views of its halves
-            hidden, gate = self.proj_in(x).chunk(2, dim=-1)
-        else:
-            # two products over views of the weight, so that each output is contiguous (faster to gate and
-            # to multiply by proj_out than strided views)
-            weight, bias = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
-            hidden, gate = (linear(x, w, b) for w, b in zip(weight, bias))
+        hidden_weight, hidden_bias, gate_weight, gate_bias = self.halves()
+        # (B, L, C) -> (B, L, 4C) twice: the gate, then the hidden layer. Two products rather than one over the
+        # whole weight: each output is then contiguous, faster to gate and to multiply by proj_out than strided
+        # views, and a packed one can take the GELU into its product.
+        gate = linear(x, gate_weight, gate_bias, gelu=True)
+        hidden = linear(x, hidden_weight, hidden_bias)
         # (B, L, 4C) -> (B, L, C)
-        return self.proj_out(hidden.mul_(F.gelu(gate)))
+        return self.proj_out(hidden.mul_(gate))
+
+    def halves(self) -> tuple[torch.Tensor, ...]:
+        """The hidden layer's weight and bias, then the gate's."""
+        if self.packed is not None:
+            return self.packed
+        (hidden_weight, gate_weight), (hidden_bias, gate_bias) = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
+        return hidden_weight, hidden_bias, gate_weight, gate_bias
+
+    def pack(self) -> None:
+        """Keeps the two halves of proj_in, each packed for oneDNN (a packed weight has no halves to take), in
+        place of proj_in, which is dropped (see sd/layers.py, pack_weights)."""
+        self.packed = tuple(
+            pack_linear_weight(half.contiguous()) if half.dim() == 2 else half.clone() for half in self.halves()
+        )
+        del self.proj_in
 
 
 class TransformerBlock(nn.Module):

@@ -72,21 +72,27 @@ def trim_heap() -> None:
 
 
 class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, gelu)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with the weights cast to the input's dtype; fp32 token sequences on a CPU run as a convolution,
-    packed weights (pack_weights) as oneDNN's product."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """F.linear with the weights cast to the input's dtype, then GELU if asked. fp32 token sequences on a CPU
+    run as a convolution; packed weights (pack_weights) as oneDNN's product, which applies the GELU to its fp32
+    sums before they are rounded and stored: a pass over the output less, and one rounding less (the U-Net's
+    gated feed-forward at 64x64 takes 25 ms instead of 35). oneDNN's products and sums with other tensors, the
+    gating and the residuals, measured no faster than separate in-place ones (a product 10.7 ms against
+    7.2 + 2.5)."""
     if weight.is_mkldnn:
         if x.dtype == weight.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
         weight = weight.to_dense()
     weight, bias = cast_to(x.dtype, weight, bias)
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3:  # (B, L, C)
-        return linear_as_convolution(x, weight, bias)
-    return F.linear(x, weight, bias)
+        out = linear_as_convolution(x, weight, bias)
+    else:
+        out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
 
 
 def linear_as_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,10 +112,26 @@ class Conv2d(nn.Conv2d):
         weight = self.weight
         if weight.is_mkldnn:
             if x.dtype == weight.dtype:
-                return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], None)
+                return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
             weight = weight.to_dense()
         # kernels kept as the checkpoint has them (sd/model_loader.py) are cast channels_last: 1.6x faster here
         return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=x.device.type != "mps"))
+
+
+def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """oneDNN's convolution with a weight that pack_weights packed."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "none", [], None)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    # laid out for a 512x512 image's latents; measured as fast as plain or faster from 2x2 to 48x48,
+    # batch 1 to 4 (without the input's size oneDNN assumes 1x1)
+    typical_input = (1, weight.shape[1] * groups, 64, 64)
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
@@ -126,24 +148,24 @@ def pack_weights(model: nn.Module) -> None:
     oneDNN reorders a plain bf16 weight into that layout on every call; for the U-Net's wide, low-resolution
     layers that costs more than the product itself (a 2560 -> 1280 channel 3x3 convolution at 8x8: 21 ms a
     call, 9 ms packed; the feed-forward layers at 32x32: 42 -> 30 ms), and the reordered copy (up to 59 MB) is
-    page-faulted in anew each time. The sums are the same: results bit-equal, but for the feed-forward's
-    first product, which then runs whole (see GEGLU). For a CPU model that computes in its stored dtype;
-    `weight.to_dense()` gives a packed weight back.
+    page-faulted in anew each time. The sums are the same: results bit-equal, but where `linear` then takes
+    the GELU into oneDNN's product, which rounds once instead of twice. For a CPU model
+    that computes in its stored dtype; `weight.to_dense()` gives a packed weight back.
 
-    Two kinds of kernel stay plain: the upsampling layers', which they fold on use, and 1x1 kernels, whose
-    best layout depends on the input's size (one chosen for 64x64 inputs runs 40-80x slower at 4x4, the
-    lowest level of a 256x256 image) and which are a small share of the time (about 12 ms of a 2.5 s step).
+    Layers with a `pack` method pack themselves: the upsampling layers store their kernel folded
+    (Upsample.pack), the U-Net's feed-forward layers their first weight in halves (GEGLU.pack). 1x1 kernels
+    stay plain: their best layout depends on the input's size (one chosen for 64x64 inputs runs 40-80x slower
+    at 4x4, the lowest level of a 256x256 image) and they are a small share of the time (about 12 ms of a
+    2.5 s step).
     """
-    folded = {id(layer.conv) for layer in model.modules() if isinstance(layer, Upsample)}
+    for layer in [layer for layer in model.modules() if hasattr(layer, "pack")]:
+        layer.pack()
+        trim_heap()
     for layer in model.modules():
-        if isinstance(layer, Conv2d) and layer.kernel_size != (1, 1) and id(layer) not in folded:
-            # laid out for a 512x512 image's latents; measured as fast as plain or faster from 2x2 to 48x48,
-            # batch 1 to 4 (without the input's size oneDNN assumes 1x1)
-            typical_input = (1, layer.in_channels, 64, 64)
-            args = layer.padding, layer.stride, layer.dilation, layer.groups, typical_input
-            packed = torch.ops.mkldnn._reorder_convolution_weight(layer.weight, *args)
+        if isinstance(layer, Conv2d) and layer.kernel_size != (1, 1):
+            packed = pack_convolution_weight(layer.weight, layer.padding, layer.stride, layer.dilation, layer.groups)
         elif isinstance(layer, Linear):
-            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight)
+            packed = pack_linear_weight(layer.weight)
         else:
             continue
         layer.weight = nn.Parameter(packed, requires_grad=False)
@@ -174,21 +196,45 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.packed: tuple[list[torch.Tensor], torch.Tensor] | None = None  # see pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        weight, bias = cast_to(x.dtype, self.conv.weight, self.conv.bias)
-        rows = fold_taps(weight, dim=2)
+        kernels, bias = self.folded_kernels(x.dtype)
         # (B, C, H, W) -> (B, C, 2H, 2W), filled a quarter (one row and column parity) at a time
-        out = torch.empty(batch, weight.shape[0], 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
-        for row in (0, 1):
-            kernels = fold_taps(rows[row], dim=3)
-            for col in (0, 1):
-                # (B, C, H, W) -> (B, C, H + 1, W + 1), whose output (i + row, j + col) saw the input pixels
-                # (i - 1 + row .. i + row, j - 1 + col .. j + col): the upsampled image's output (2i + row, 2j + col)
-                phase = F.conv2d(x, kernels[col], bias, padding=1)
-                out[:, :, row::2, col::2] = phase[:, :, row : row + height, col : col + width]
+        out = torch.empty(batch, kernels[0].shape[0], 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
+        for (row, col), kernel in zip(PARITIES, kernels):
+            # (B, C, H, W) -> (B, C, H + 1, W + 1), whose output (i + row, j + col) saw the input pixels
+            # (i - 1 + row .. i + row, j - 1 + col .. j + col): the upsampled image's output (2i + row, 2j + col)
+            if kernel.is_mkldnn:
+                phase = packed_convolution(x, kernel, bias, (1, 1))
+            else:
+                phase = F.conv2d(x, kernel, bias, padding=1)
+            out[:, :, row::2, col::2] = phase[:, :, row : row + height, col : col + width]
         return out
+
+    def folded_kernels(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The four 2x2 kernels in the order of PARITIES, and the bias, in `dtype`."""
+        if self.packed is not None:
+            kernels, bias = self.packed
+            if kernels[0].dtype == dtype:
+                return kernels, bias
+            *kernels, bias = cast_to(dtype, *(kernel.to_dense() for kernel in kernels), bias)
+            return kernels, bias
+        weight, bias = cast_to(dtype, self.conv.weight, self.conv.bias)
+        return [kernel for row_kernel in fold_taps(weight, dim=2) for kernel in fold_taps(row_kernel, dim=3)], bias
+
+    def pack(self) -> None:
+        """Keeps the folded kernels, packed for oneDNN (see pack_weights), in place of the 3x3 one, which is
+        dropped. Folding on every call took 25-60 ms of each 1280-channel layer, 0.14 s of a bf16 U-Net
+        step; the folded kernels take 16/9 of the 3x3 one's memory (+51 MB for the U-Net in bf16)."""
+        kernels, bias = self.folded_kernels(self.conv.weight.dtype)
+        self.packed = [pack_convolution_weight(kernel.contiguous(memory_format=torch.channels_last), (1, 1)) for kernel in kernels], bias.clone()
+        del self.conv
+
+
+# (row, column) parity of the output pixels that each folded kernel makes
+PARITIES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def fold_taps(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
