@@ -114,8 +114,8 @@ def test_packed_weights_compute_the_same_sums(dtype):
     bit-equal outputs (measured so here in fp32 and bf16), the upsampling layer's too, whose folded kernels are
     packed in place of its 3x3 one. The feed-forward layer, whose first weight is packed in halves, then takes
     the GELU into the gate's product, which rounds once where plain layers round twice: its outputs agree to
-    rounding. 1x1 kernels stay plain (see pack_weights). An input of another dtype still works, by unpacking (the layers compute in their input's
-    dtype)."""
+    rounding. 1x1 kernels stay plain (see pack_weights). An input of another dtype still works, by unpacking
+    (the layers compute in their input's dtype)."""
     if dtype == torch.bfloat16 and not cpu_has_bf16():
         pytest.skip("bf16 weights are packed only on CPUs with bf16 instructions")
     layers = random_layers(dtype)
