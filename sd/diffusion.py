@@ -104,9 +104,8 @@ class GEGLU(nn.Module):
     def pack(self) -> None:
         """Keeps the two halves of proj_in, each packed for oneDNN (a packed weight has no halves to take), in
         place of proj_in, which is dropped (see sd/layers.py, pack_weights)."""
-        self.packed = tuple(
-            pack_linear_weight(half.contiguous()) if half.dim() == 2 else half.clone() for half in self.halves()
-        )
+        hidden_weight, hidden_bias, gate_weight, gate_bias = self.halves()
+        self.packed = pack_linear_weight(hidden_weight), hidden_bias, pack_linear_weight(gate_weight), gate_bias
         del self.proj_in
 
 

@@ -72,17 +72,15 @@ def trim_heap() -> None:
 
 
 class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, gelu)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """F.linear with the weights cast to the input's dtype, then GELU if asked. fp32 token sequences on a CPU
     run as a convolution; packed weights (pack_weights) as oneDNN's product, which applies the GELU to its fp32
     sums before they are rounded and stored: a pass over the output less, and one rounding less (the U-Net's
-    gated feed-forward at 64x64 takes 25 ms instead of 35). oneDNN's products and sums with other tensors, the
-    gating and the residuals, measured no faster than separate in-place ones (a product 10.7 ms against
-    7.2 + 2.5)."""
+    gated feed-forward at 64x64 takes 25 ms instead of 35)."""
     if weight.is_mkldnn:
         if x.dtype == weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
@@ -128,8 +126,9 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    # laid out for a 512x512 image's latents; measured as fast as plain or faster from 2x2 to 48x48,
-    # batch 1 to 4 (without the input's size oneDNN assumes 1x1)
+    # laid out for a 512x512 image's latents; 3x3 kernels measured as fast as plain or faster from 2x2 to
+    # 48x48 inputs, batch 1 to 4, the upsampling's 2x2 ones at 8x8 to 32x32 (without the input's size oneDNN
+    # assumes 1x1)
     typical_input = (1, weight.shape[1] * groups, 64, 64)
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
 
@@ -229,7 +228,7 @@ class Upsample(nn.Module):
         dropped. Folded on every call, the U-Net's three upsampling layers took 0.17 s of a bf16 step; folded
         once and packed, 0.08 s. The folded kernels take 16/9 of the 3x3 one's memory (+51 MB for the U-Net)."""
         kernels, bias = self.folded_kernels(self.conv.weight.dtype)
-        self.packed = [pack_convolution_weight(kernel.contiguous(memory_format=torch.channels_last), (1, 1)) for kernel in kernels], bias.clone()
+        self.packed = [pack_convolution_weight(kernel.contiguous(memory_format=torch.channels_last), (1, 1)) for kernel in kernels], bias
         del self.conv
 
 
