@@ -4,6 +4,7 @@ import os
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,17 +15,13 @@ from PIL.PngImagePlugin import PngInfo
 from sd import model_hash
 from sd.errors import SDError
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.pipeline import cached_models, check_settings, default_checkpoint, generate, pick_device
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, check_settings, find_checkpoint, generate, image_dimensions, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, display_name
 
 MAX_SEED = 2**32 - 1
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
-CHECKPOINT_HELP = (
-    "get SD 1.5 (v1-5-pruned-emaonly.safetensors from the Stable Diffusion 1.5 release) "
-    "and put it in data/, or pass --checkpoint PATH, or set SD_CHECKPOINT"
-)
 
 
 class Group(click.Group):
@@ -84,11 +81,12 @@ class Job:
 @click.option("--mask-blur", type=click.IntRange(min=0), default=4, show_default=True,
               help="With --mask and an ordinary checkpoint: the blur radius in pixels of the edge where the original pixels, "
                    "pasted back, fade into the repainted ones; 0 for a hard edge.")
-@click.option("--width", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
-@click.option("--height", type=int, default=512, show_default=True, help="A multiple of 8, at least 64.")
+@click.option("--width", type=int, help="A multiple of 8, at least 64. Default: the model's own size (512 for SD 1.5, 64 for the demo model).")
+@click.option("--height", type=int, help="A multiple of 8, at least 64. Default: the model's own size.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="An SD 1.x .safetensors or .ckpt. Default: $SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt.")
+              help=f"An SD 1.x .safetensors or .ckpt, or {DEMO_NAME} for the built-in demo model. Default: $SD_CHECKPOINT, "
+                   "else data/v1-5-pruned-emaonly.safetensors or .ckpt, else the demo model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks CUDA, then MPS, then the CPU.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
@@ -115,6 +113,8 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    with reading(checkpoint):
+        width, height = image_dimensions(width, height, None, checkpoint)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
@@ -172,13 +172,6 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return prompts
 
 
-def find_checkpoint(checkpoint: Path | None) -> Path:
-    checkpoint = checkpoint or default_checkpoint()
-    if not checkpoint.is_file():
-        raise SDError(f"checkpoint not found: {checkpoint}; {CHECKPOINT_HELP}")
-    return checkpoint
-
-
 def open_image(path: Path, option: str) -> Image.Image:
     """Reads the whole image now, so that a file that is not an image fails before the models load."""
     try:
@@ -233,14 +226,21 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
     return remaining
 
 
-def load(checkpoint: Path, device, dtype: str) -> dict:
-    started = time.perf_counter()
+@contextmanager
+def reading(checkpoint: Path):
+    """Turns a checkpoint that cannot be read into one line saying where to get a good one."""
     try:
-        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
+        yield
     except SDError as error:
         raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
+
+
+def load(checkpoint: Path, device, dtype: str) -> dict:
+    started = time.perf_counter()
+    with reading(checkpoint):
+        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
     click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
 

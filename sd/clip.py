@@ -1,12 +1,14 @@
 """CLIP ViT-L/14 text encoder: token ids -> the context the U-Net attends to."""
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .attention import SelfAttention
 from .layers import LayerNorm, Linear
+from .tokenizer import EOS_ID
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,9 @@ class CLIPConfig:
     width: int = 768
     num_layers: int = 12
     num_heads: int = 12
+    # A model trained on a few words may keep the embeddings of those tokens only: the CLIP token id of each
+    # row. Any other token is read as the end-of-text token, the padding (see CLIP.rows).
+    token_ids: tuple[int, ...] | None = None
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +49,7 @@ class CLIPLayer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig = CLIPConfig()):
         super().__init__()
+        self.config = config
         # Plain parameters rather than nn.Embedding, whose initialiser (run even on the meta device)
         # imports torch._dynamo: 1.6 s of every load.
         self.token_embedding = nn.Parameter(torch.empty(config.vocab_size, config.width))
@@ -55,7 +61,27 @@ class CLIP(nn.Module):
         """`dtype`: the type to compute in (see sd/layers.py); by default that of the weights."""
         dtype = dtype or self.position_embedding.dtype
         # (B, 77) -> (B, 77, 768)
-        x = self.token_embedding[tokens].to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
+        x = self.token_embedding[self.rows(tokens)].to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
         for layer in self.layers:
             x = layer(x)
         return self.final_layer_norm(x)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding row of each CLIP token id: the id itself, unless the model keeps only some tokens."""
+        if self.config.token_ids is None:
+            return tokens
+        return token_rows(self.config.token_ids).to(tokens.device)[tokens]
+
+    def unknown_tokens(self, tokens: torch.Tensor) -> list[int]:
+        """The token ids among `tokens` that the model has no embedding of (read as padding)."""
+        if self.config.token_ids is None:
+            return []
+        return sorted(set(tokens.flatten().tolist()) - set(self.config.token_ids))
+
+
+@lru_cache(maxsize=4)
+def token_rows(token_ids: tuple[int, ...]) -> torch.Tensor:
+    """(49408,) the row of each CLIP token id among `token_ids`, that of end-of-text for the others."""
+    rows = torch.full((CLIPConfig.vocab_size,), token_ids.index(EOS_ID), dtype=torch.long)
+    rows[list(token_ids)] = torch.arange(len(token_ids))
+    return rows

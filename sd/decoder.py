@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d, Upsample, trim_heap
-from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
+from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
 class DecoderLevel(nn.Module):
@@ -23,6 +23,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
+        self.scale_factor = config.scale_factor
         self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
         self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(config, widths[-1])
@@ -35,7 +36,7 @@ class Decoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         # (B, 4, h, w) -> (B, 512, h, w)
-        x = self.conv_in(self.post_quant_conv(latents / LATENT_SCALE))
+        x = self.conv_in(self.post_quant_conv(latents / self.scale_factor))
         x = self.mid(x)
         # (B, 512, h, w) -> (B, 128, 8h, 8w)
         # The blocks run from this loop rather than from a level's forward, whose caller would keep the

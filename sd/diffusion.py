@@ -22,6 +22,7 @@ class UNetConfig:
     num_heads: int = 8
     context_width: int = 768
     num_groups: int = 32
+    sample_size: int = 64  # the latents' side it was trained at: 64 (512x512 images) for SD 1.5
 
     @property
     def time_width(self) -> int:

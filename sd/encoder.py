@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d
-from .vae import LATENT_SCALE, MidBlock, ResidualBlock, VAEConfig, group_norm
+from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
 class Downsample(nn.Module):
@@ -33,6 +33,7 @@ class Encoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
+        self.scale_factor = config.scale_factor
         self.conv_in = Conv2d(config.image_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(
             EncoderLevel(config, widths[max(i - 1, 0)], widths[i], downsample=i < last) for i in range(len(widths))
@@ -44,6 +45,14 @@ class Encoder(nn.Module):
         self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # 2 x (B, 4, H / 8, W / 8)
+        mean, log_variance = self.moments(image)
+        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+        # Sample the posterior with the caller's noise, so results are reproducible.
+        return (mean + std * noise) * self.scale_factor
+
+    def moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the log-variance of the posterior of each latent."""
         # (B, 3, H, W) -> (B, 128, H, W)
         x = self.conv_in(image)
         # (B, 128, H, W) -> (B, 512, H / 8, W / 8)
@@ -56,7 +65,4 @@ class Encoder(nn.Module):
         # (B, 512, H / 8, W / 8) -> (B, 8, H / 8, W / 8)
         moments = self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))
         # (B, 8, H / 8, W / 8) -> 2 x (B, 4, H / 8, W / 8)
-        mean, log_variance = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
-        # Sample the posterior with the caller's noise, so results are reproducible.
-        return (mean + std * noise) * LATENT_SCALE
+        return moments.chunk(2, dim=1)

@@ -114,7 +114,10 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 class MappedCheckpoint(dict):
-    """name -> tensor view into a private memory map of a checkpoint file: nothing is read until used."""
+    """name -> tensor view into a private memory map of a checkpoint file: nothing is read until used. `metadata`:
+    the file's own strings (a .safetensors header's __metadata__), empty for a .ckpt."""
+
+    metadata: dict[str, str] = {}
 
 
 def release_pages(tensor: torch.Tensor) -> None:
@@ -147,7 +150,7 @@ class MappedSafetensors(MappedCheckpoint):
         try:
             header_size = int.from_bytes(self.memory[:8], "little")
             header = json.loads(self.memory[8 : 8 + header_size])
-            header.pop("__metadata__", None)
+            self.metadata = header.pop("__metadata__", None) or {}
             for name, entry in header.items():
                 begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
                 if end > len(self.memory):
@@ -258,3 +261,76 @@ def _check_other_model(unexpected: list[str]) -> None:
 def _some(names: list[str], limit: int = 5) -> str:
     more = f", and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+# The other direction, ours -> original, for writing checkpoints (the demo model): renames applied in order to
+# our names, then our prefixes swapped for the original ones. U-Net residual blocks are told apart from the
+# transformer blocks (which also have norm1 and norm2) by where they sit: block j of stage i, directly.
+RESIDUAL_BLOCK = r"^(diffusion\.(?:input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+)\."
+ORIGINAL_RENAMES = [
+    (r"^diffusion\.time_embedding\.linear_1\.", "diffusion.time_embed.0."),
+    (r"^diffusion\.time_embedding\.linear_2\.", "diffusion.time_embed.2."),
+    (r"^diffusion\.norm_out\.", "diffusion.out.0."),
+    (r"^diffusion\.conv_out\.", "diffusion.out.2."),
+    *((RESIDUAL_BLOCK + ours + r"\.", rf"\1.{original}.") for ours, original in [
+        ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("shortcut", "skip_connection")]),
+    (r"^(diffusion\.input_blocks\.\d+\.0)\.conv\.", r"\1.op."),
+    (r"\.self_attention\.out_proj\.", ".attn1.to_out.0."),
+    (r"\.cross_attention\.out_proj\.", ".attn2.to_out.0."),
+    (r"\.cross_attention\.([qkv])_proj\.", r".attn2.to_\1."),
+    (r"\.feed_forward\.proj_in\.", ".ff.net.0.proj."),
+    (r"\.feed_forward\.proj_out\.", ".ff.net.2."),
+    (r"^((?:encoder|decoder)\..*)\.shortcut\.", r"\1.nin_shortcut."),
+    (r"\.attn_1\.attention\.out_proj\.", ".attn_1.proj_out."),
+    (r"^clip\.token_embedding$", "clip.embeddings.token_embedding.weight"),
+    (r"^clip\.position_embedding$", "clip.embeddings.position_embedding.weight"),
+    (r"^clip\.layers\.", "clip.encoder.layers."),
+    (r"^(clip\..*)\.attention\.out_proj\.", r"\1.self_attn.out_proj."),
+    (r"\.fc([12])\.", r".mlp.fc\1."),
+]
+# Our fused projections -> the original q, k and v names ("{}" is the letter).
+ORIGINAL_FUSED = [
+    (r"\.self_attention\.in_proj\.", ".attn1.to_{}."),
+    (r"\.attn_1\.attention\.in_proj\.", ".attn_1.{}."),
+    (r"\.attention\.in_proj\.", ".self_attn.{}_proj."),
+]
+ORIGINAL_PREFIXES = [(ours, original) for original, ours in PREFIXES[:6]]
+# The VAE's attention projections are 1x1 convolutions in the original.
+ORIGINAL_CONVOLUTIONS = re.compile(r"^first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def original_name(name: str) -> str:
+    for pattern, replacement in ORIGINAL_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    ours, original = next(pair for pair in sorted(ORIGINAL_PREFIXES, key=lambda pair: -len(pair[0])) if name.startswith(pair[0]))
+    return original + name[len(ours):]
+
+
+def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state (names such as "diffusion.input_blocks.1.0.norm1.weight") under the original CompVis names, with
+    fused projections split into q, k and v; each name checked to read back through `target_name`."""
+    original = {}
+    for name, tensor in state.items():
+        fused = next(((pattern, template) for pattern, template in ORIGINAL_FUSED if re.search(pattern, name)), None)
+        parts = [(name, tensor)] if fused is None else [
+            (re.sub(fused[0], fused[1].format(letter), name), piece) for letter, piece in zip("qkv", tensor.chunk(3))]
+        for part, (renamed, piece) in enumerate(parts):
+            key = original_name(renamed)
+            if target_name(key) != (name, part):
+                raise ValueError(f"{name} would be written as {key}, which reads back as {target_name(key)}")
+            original[key] = piece[:, :, None, None] if ORIGINAL_CONVOLUTIONS.match(key) else piece
+    return original
+
+
+def write_original_checkpoint(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
+    """Writes our state as an original-layout .safetensors in `dtype` (with CLIP's position ids, as the original
+    has them), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().to(dtype).contiguous() for key, value in to_original(state).items()}
+    positions = len(state["clip.position_embedding"])
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.replace(path)

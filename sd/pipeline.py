@@ -4,6 +4,7 @@ import logging
 import os
 import random
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,27 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SDError
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
-from .model_loader import load_models, release_mapped
+from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .samplers import SAMPLERS, KnownRegion, check_options, sample
 from .schedule import SD15, check_steps
-from .tokenizer import encode
+from .tokenizer import encode, load_clip_tokenizer
 
 log = logging.getLogger("sd")
 
-LATENT_FACTOR = 8  # the VAE shrinks each side 8 times
-DEFAULT_CHECKPOINTS = [Path(__file__).resolve().parent.parent / "data" / f"v1-5-pruned-emaonly{suffix}" for suffix in (".safetensors", ".ckpt")]
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_CHECKPOINTS = [DATA_DIR / f"v1-5-pruned-emaonly{suffix}" for suffix in (".safetensors", ".ckpt")]
+# Trained by sd/training on drawn shapes; used when no SD 1.5 checkpoint is given or found.
+DEMO_CHECKPOINT = DATA_DIR / "sd-demo.safetensors"
+DEMO_NAME = "demo"  # what --checkpoint takes for it
+CHECKPOINT_HELP = (
+    "get SD 1.5 (v1-5-pruned-emaonly.safetensors from the Stable Diffusion 1.5 release) "
+    "and put it in data/, or pass --checkpoint PATH, or set SD_CHECKPOINT"
+)
+DEMO_NOTICE = (
+    "using the built-in demo model (64x64 images of one coloured shape: red, green, blue, yellow, purple or orange "
+    f"circle, square or triangle, on the left, right, top or bottom); for real images {CHECKPOINT_HELP}"
+)
 
 # The models of the last checkpoint loaded, reused by later calls: (path, device, dtype) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
@@ -37,8 +49,8 @@ def generate(
     sampler: str = "ddpm",
     steps: int = 50,
     seed: int | None = None,
-    width: int = 512,
-    height: int = 512,
+    width: int | None = None,
+    height: int | None = None,
     num_images: int = 1,
     models: dict[str, torch.nn.Module] | None = None,
     checkpoint: str | Path | None = None,
@@ -57,12 +69,17 @@ def generate(
     when an inpainting checkpoint repaints a mask. With an ordinary checkpoint the original pixels are pasted back
     outside the mask, over an edge feathered by a Gaussian blur of radius `mask_blur` pixels.
 
-    Each image's `info["sd"]` holds the settings that made it, the seed included.
+    `width` and `height` default to the size the model was trained at (512 for SD 1.5, 64 for the demo model). With
+    neither `models` nor `checkpoint`, the checkpoint is default_checkpoint(). Each image's `info["sd"]` holds the
+    settings that made it, the seed included.
     """
     check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta, mask_blur)
     check_mask_has_image(mask, input_image)
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
+    if models is None:
+        checkpoint = find_checkpoint(checkpoint)
+    width, height = image_dimensions(width, height, models, checkpoint)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
@@ -96,9 +113,11 @@ def generate(
     with torch.inference_mode():
         guided = cfg_scale != 1.0
         prompts = [negative_prompt] * num_images * guided + [prompt] * num_images
+        tokens = encode(prompts)
+        warn_unknown_words(models["clip"], tokens)
         with on_device(models["clip"], device, idle_device) as clip:
             # (2B or B, 77) -> (2B or B, 77, 768)
-            context = clip(encode(prompts).to(device), dtype)
+            context = clip(tokens.to(device), dtype)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
@@ -179,7 +198,7 @@ def check_settings(strength, cfg_scale, sampler, steps, width, height, num_image
     check_options(sampler, karras, eta)
     check_steps(steps, SD15.num_training_steps)
     for name, size in (("width", width), ("height", height)):
-        if size < 64 or size % LATENT_FACTOR:
+        if size is not None and (size < 64 or size % LATENT_FACTOR):
             fit = max(64, size - size % LATENT_FACTOR)
             raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
     if num_images < 1:
@@ -207,16 +226,51 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def default_checkpoint() -> Path:
-    """$SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt."""
+    """$SD_CHECKPOINT, else data/v1-5-pruned-emaonly.safetensors or .ckpt, else the demo model."""
     if os.environ.get("SD_CHECKPOINT"):
         return Path(os.environ["SD_CHECKPOINT"])
-    return next((path for path in DEFAULT_CHECKPOINTS if path.is_file()), DEFAULT_CHECKPOINTS[0])
+    return next((path for path in DEFAULT_CHECKPOINTS if path.is_file()), DEMO_CHECKPOINT)
 
 
-def cached_models(checkpoint: str | Path | None, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def find_checkpoint(checkpoint: str | Path | None) -> Path:
+    """The checkpoint file to load: the one given ("demo" for the demo model), else default_checkpoint(); says
+    so in one line when that is the demo model. Refuses a file that is not there."""
+    if str(checkpoint) == DEMO_NAME:
+        checkpoint = DEMO_CHECKPOINT
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    if path == DEMO_CHECKPOINT and checkpoint is None:
+        notice_demo()
     if not path.is_file():
-        raise SDError(f"checkpoint not found: {path}; download SD 1.5 (v1-5-pruned-emaonly.safetensors) and put it in data/, or pass --checkpoint PATH or set SD_CHECKPOINT")
+        raise SDError(f"checkpoint not found: {path}; {CHECKPOINT_HELP}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def notice_demo() -> None:
+    """Says once per process that the demo model stands in for a checkpoint nobody gave."""
+    log.warning(DEMO_NOTICE)
+
+
+def image_dimensions(width: int | None, height: int | None, models: dict | None, checkpoint: Path | None) -> tuple[int, int]:
+    """The width and height asked for, or where not given, the side of the images the models (or else the
+    checkpoint, read from its header alone) were trained on: 512 for SD 1.5, 64 for the demo model."""
+    if width is not None and height is not None:
+        return width, height
+    side = models["diffusion"].config.sample_size * LATENT_FACTOR if models is not None else image_size(checkpoint)
+    return width or side, height or side
+
+
+def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """A text encoder that keeps only some tokens (the demo model's) reads the others as padding: say which."""
+    unknown = clip.unknown_tokens(tokens)
+    if unknown:
+        words = load_clip_tokenizer().convert_ids_to_tokens(unknown)
+        log.warning("the model does not know these words and ignores them: %s", ", ".join(word.removesuffix("</w>") for word in words))
+
+
+def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The models of `checkpoint` (see find_checkpoint), loaded once for all later calls with the same file."""
+    path = Path(checkpoint)
     key = (path.resolve(), device, dtype)
     if key not in _loaded:
         _loaded.clear()  # one checkpoint in memory at a time

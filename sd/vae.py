@@ -9,9 +9,6 @@ from torch import nn
 from .attention import SelfAttention
 from .layers import Conv2d, GroupNorm
 
-# Latents are scaled by this so that they have roughly unit variance (original config: scale_factor).
-LATENT_SCALE = 0.18215
-
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -21,6 +18,8 @@ class VAEConfig:
     width_multipliers: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; each but the last halves H and W
     blocks_per_level: int = 2  # the decoder has one more per level
     num_groups: int = 32
+    # latents are multiplied by this so that they have roughly unit variance (original config: scale_factor)
+    scale_factor: float = 0.18215
 
     @property
     def widths(self) -> list[int]:

@@ -11,7 +11,7 @@ from sd.clip import CLIP
 from sd.decoder import Decoder
 from sd.diffusion import UNet
 from sd.encoder import Encoder
-from sd.model_converter import convert, target_name
+from sd.model_converter import IGNORED, convert, target_name, to_original
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,14 @@ def test_every_original_weight_maps_to_exactly_one_of_our_parameters(expected_sh
     state = convert(meta_checkpoint(), expected_shapes, torch.float32, device="meta")
     assert {name: tensor.shape for name, tensor in state.items()} == expected_shapes
     assert sum(t.numel() for t in state.values()) == 1_066_235_307
+
+
+def test_our_names_written_back_are_the_original_checkpoint_names(expected_shapes):
+    """to_original (which writes the demo model) inverts the converter: on SD 1.5's own sizes it gives exactly
+    the original names and shapes, fused projections split again and the VAE's attention as 1x1 convolutions."""
+    ours = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes.items()}
+    written = {key: list(tensor.shape) for key, tensor in to_original(ours).items()}
+    assert written == {key: shape for key, shape in sd15_shapes().items() if not IGNORED.match(key)}
 
 
 def test_fused_attention_keeps_query_key_value_order(expected_shapes):

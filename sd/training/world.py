@@ -1,0 +1,157 @@
+"""The demo model's world: one coloured shape on a plain background, drawn on the fly with its caption, and
+the rules that read colour, shape and position back off an image (for the evaluation and the tests).
+
+Backgrounds are black, white or gray, drawn at random and named in half of the captions ("..., white
+background"); prompts that do not name one leave it to the model.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom")
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+
+# Colour-shape pairs never drawn in training, in any position: the model must combine words it saw apart.
+HELD_OUT = (("purple", "triangle"), ("green", "circle"), ("orange", "square"))
+
+# Where each position puts the object's centre, as fractions of the image's width and height.
+CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+JITTER = 0.05  # of the side, each way
+RADIUS = (0.13, 0.17)  # of the side: the circle's radius, the square's and the triangle's half width
+
+PHRASINGS = (
+    "a {colour} {shape} on the {position}",
+    "{colour} {shape}, {position}",
+    "a {shape} that is {colour}, at the {position}",
+    "a {colour} {shape} at the {position}",
+    "{position}: a {colour} {shape}",
+    "the {colour} {shape} is on the {position}",
+)
+BACKGROUND_PHRASINGS = (", {background} background", " on a {background} background")
+SUPERSAMPLING = 4  # coverage of each pixel from 4x4 samples: antialiased edges
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    position: str
+    background: str = "black"
+
+    def caption(self, phrasing: int = 0, background_phrasing: int | None = None) -> str:
+        text = PHRASINGS[phrasing].format(colour=self.colour, shape=self.shape, position=self.position)
+        text = text.replace("a orange", "an orange")
+        if background_phrasing is not None:
+            text += BACKGROUND_PHRASINGS[background_phrasing].format(background=self.background)
+        return text
+
+
+def combinations(held_out: bool) -> list[tuple[str, str, str]]:
+    """Every (colour, shape, position) in training (held_out False: 60 of 72) or kept out of it (12)."""
+    return [(c, s, p) for c, s, p in itertools.product(COLOURS, SHAPES, POSITIONS) if ((c, s) in HELD_OUT) == held_out]
+
+
+def every_caption() -> list[str]:
+    """Every caption training can draw, held-out words included (the text encoder keeps these tokens)."""
+    scenes = [Scene(c, s, p, b) for c, s, p in combinations(False) + combinations(True) for b in BACKGROUNDS]
+    return [""] + [scene.caption(i, j) for scene in scenes for i in range(len(PHRASINGS)) for j in (None, 0, 1)]
+
+
+def random_batch(size: int, generator: torch.Generator, image_size: int = 64) -> tuple[torch.Tensor, list[str]]:
+    """`size` training images (B, 3, S, S) in [-1, 1] and their captions, from the trained combinations."""
+    trained = combinations(False)
+    picks = torch.randint(len(trained), (size,), generator=generator).tolist()
+    backgrounds = torch.randint(len(BACKGROUNDS), (size,), generator=generator).tolist()
+    phrasings = torch.randint(len(PHRASINGS), (size,), generator=generator).tolist()
+    named = torch.randint(2 * len(BACKGROUND_PHRASINGS), (size,), generator=generator).tolist()  # half unnamed
+    scenes = [Scene(*trained[k], list(BACKGROUNDS)[b]) for k, b in zip(picks, backgrounds)]
+    captions = [scene.caption(p, n if n < len(BACKGROUND_PHRASINGS) else None) for scene, p, n in zip(scenes, phrasings, named)]
+    return draw(scenes, generator, image_size), captions
+
+
+def draw(scenes: list[Scene], generator: torch.Generator, image_size: int = 64) -> torch.Tensor:
+    """Images (B, 3, S, S) in [-1, 1] of the scenes, each object's size and place jittered by `generator`."""
+    batch = len(scenes)
+    centres = torch.tensor([CENTRES[scene.position] for scene in scenes])  # (B, 2) as (x, y)
+    centres = centres + (torch.rand(batch, 2, generator=generator) * 2 - 1) * JITTER
+    radii = RADIUS[0] + torch.rand(batch, generator=generator) * (RADIUS[1] - RADIUS[0])  # (B,)
+    samples = image_size * SUPERSAMPLING
+    axis = (torch.arange(samples) + 0.5) / samples
+    # (B, 1, 1) offsets of each sample point from the centre, in units of the radius: (B, samples, samples)
+    x = (axis[None, None, :] - centres[:, 0, None, None]) / radii[:, None, None]
+    y = (axis[None, :, None] - centres[:, 1, None, None]) / radii[:, None, None]
+    inside = torch.stack([inside_shape(scene.shape, x[i], y[i]) for i, scene in enumerate(scenes)])
+    # (B, 4S, 4S) -> (B, 1, S, S): the share of each pixel the shape covers
+    coverage = F.avg_pool2d(inside[:, None].float(), SUPERSAMPLING)
+    colour = torch.tensor([COLOURS[scene.colour] for scene in scenes], dtype=torch.float32)[:, :, None, None]
+    background = torch.tensor([BACKGROUNDS[scene.background] for scene in scenes], dtype=torch.float32)[:, :, None, None]
+    # (B, 3, S, S) in [0, 255] -> [-1, 1]
+    return (background + (colour - background) * coverage) / 127.5 - 1
+
+
+def inside_shape(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Whether each point (x, y), in radii from the centre, lies in the shape: all three are as wide as tall."""
+    if shape == "circle":
+        return x**2 + y**2 <= 1
+    if shape == "square":
+        return (x.abs() <= 0.9) & (y.abs() <= 0.9)
+    # an upright triangle, apex at the top, its box 2 radii wide and tall
+    depth = (y + 1) / 2  # 0 at the apex, 1 at the base
+    return (depth >= 0) & (depth <= 1) & (x.abs() <= depth)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the rules see in an image; None where there is no object to read."""
+
+    colour: str | None
+    shape: str | None
+    position: str | None
+
+
+# Fill of the object's bounding box: triangle 0.5, circle pi/4 = 0.79, square 1; the limits lie between.
+FILL_LIMITS = (0.64, 0.9)
+
+
+def read_image(pixels: np.ndarray) -> Reading:
+    """Colour, shape and position of the one object in an (H, W, 3) uint8 image.
+
+    The background is the median colour of the border; the object, the pixels more than half as far from it as
+    the farthest ones (a robust maximum). Colour: the nearest of COLOURS to the object's core pixels; shape: how
+    much of its bounding box it fills; position: its centre's offset from the image's centre, along the axis
+    where that offset is larger.
+    """
+    image = pixels.astype(np.float32)
+    height, width, _ = image.shape
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(image - background, axis=-1)  # (H, W)
+    far = np.percentile(distance, 99.5)
+    if far < 60:  # no object stands out from the background
+        return Reading(None, None, None)
+    mask = distance > far / 2
+    core = image[distance > 0.75 * far].mean(axis=0)
+    colour = min(COLOURS, key=lambda name: np.linalg.norm(core - np.array(COLOURS[name])))
+    rows, cols = np.nonzero(mask)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = mask.sum() / box
+    shape = "triangle" if fill < FILL_LIMITS[0] else "circle" if fill < FILL_LIMITS[1] else "square"
+    dx, dy = cols.mean() + 0.5 - width / 2, rows.mean() + 0.5 - height / 2
+    if abs(dx) >= abs(dy):
+        position = "left" if dx < 0 else "right"
+    else:
+        position = "top" if dy < 0 else "bottom"
+    return Reading(colour, shape, position)

@@ -1,0 +1,192 @@
+"""The built-in demo model: its drawn world, its training code, and its real outputs judged by rules.
+
+The outputs are judged on the shipped data/sd-demo.safetensors in fp32 (the same numbers on every CPU kind),
+each against a control that differs only in what is tested: the same starting noise with another caption,
+the same input image at another strength, the same batch without guidance.
+"""
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd import generate, load_models
+from sd.diffusion import UNetConfig
+from sd.pipeline import DEFAULT_CHECKPOINTS, DEMO_CHECKPOINT
+from sd.clip import CLIPConfig
+from sd.training import train as training
+from sd.training.evaluate import accuracy, render_all
+from sd.training.world import HELD_OUT, Reading, Scene, combinations, random_batch, read_image
+from sd.vae import VAEConfig
+
+IMAGES = Path(__file__).resolve().parent.parent / "images"
+SD_SCRIPT = shutil.which("sd", path=str(Path(sys.executable).parent)) or shutil.which("sd")
+
+
+def reading(image: Image.Image):
+    return read_image(np.asarray(image))
+
+
+def example(name: str) -> Image.Image:
+    """The README's example inputs: a blue square on the left of a white image, and a mask around it."""
+    with Image.open(IMAGES / name) as image:
+        return image.copy()
+
+
+# The world and its rules
+
+
+def test_the_rules_read_every_drawn_image_right():
+    images, captions = random_batch(400, torch.Generator().manual_seed(1))
+    for pixels, caption in zip(images, captions):
+        found = reading(Image.fromarray(((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()))
+        words = caption.replace(",", " ").replace(":", " ").split()
+        assert {found.colour, found.shape, found.position} <= set(words), caption
+
+
+def test_held_out_combinations_never_appear_in_training():
+    _, captions = random_batch(3000, torch.Generator().manual_seed(2))
+    for colour, shape in HELD_OUT:
+        assert not any(colour in caption and shape in caption for caption in captions)
+    assert len(combinations(False)) + len(combinations(True)) == 6 * 3 * 4
+
+
+def test_an_empty_image_has_no_object():
+    assert reading(Image.new("RGB", (64, 64), "gray")).colour is None
+
+
+# Training
+
+
+TINY = training.TrainingConfig(
+    unet=UNetConfig(base_width=16, width_multipliers=(1, 2), attention_levels=(1,), blocks_per_level=1, num_heads=2,
+                    context_width=32, num_groups=8, sample_size=8),
+    vae=VAEConfig(base_width=8, width_multipliers=(1, 1, 1, 1), blocks_per_level=1, num_groups=4),
+    clip=CLIPConfig(width=32, num_layers=1, num_heads=2),
+    vae_steps=40, vae_batch=4, unet_steps=40, unet_batch=8, warmup_steps=5, save_every=10,
+)
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint_load_models_reads(tmp_path):
+    output = training.train(TINY, tmp_path / "state.pt", tmp_path / "tiny.safetensors", progress=False)
+    losses = torch.load(tmp_path / "state.pt", weights_only=True)["losses"]
+    assert losses[-10:].mean() < 0.9 * losses[:10].mean()
+    models = load_models(output)
+    assert models["diffusion"].config == TINY.unet
+    assert models["clip"].config.vocab_size == len(training.text_token_ids()) < 100
+    image, = generate("a red circle on the left", models=models, steps=2, seed=0, progress=False)
+    assert image.size == (64, 64)
+
+
+def test_a_stopped_run_resumes_where_it_was_saved(tmp_path, monkeypatch):
+    """Stopped in the U-Net stage between two saves, then run again: the same weights as a run never stopped."""
+    whole = training.train(TINY, tmp_path / "whole.pt", tmp_path / "whole.safetensors", progress=False)
+    original_update = training.update_ema
+
+    def stop_at_step_25(run):
+        if run.step == 25:
+            raise KeyboardInterrupt
+        original_update(run)
+
+    monkeypatch.setattr(training, "update_ema", stop_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(TINY, tmp_path / "stopped.pt", tmp_path / "stopped.safetensors", progress=False)
+    assert torch.load(tmp_path / "stopped.pt", weights_only=True)["step"] == 20
+    monkeypatch.setattr(training, "update_ema", original_update)
+    resumed = training.train(TINY, tmp_path / "stopped.pt", tmp_path / "stopped.safetensors", progress=False)
+    for name, model in load_models(whole).items():
+        again = load_models(resumed)[name].state_dict()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_a_run_with_other_settings_is_not_resumed(tmp_path):
+    training.train(TINY, tmp_path / "state.pt", tmp_path / "tiny.safetensors", progress=False)
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        training.resume(dataclasses.replace(TINY, seed=1), tmp_path / "state.pt")
+
+
+# The shipped model's real outputs
+
+
+UNDER_TRAINED = pytest.mark.xfail(strict=True, reason="the shipped demo model is under-trained (16 min run; make eval-demo at CFG 7.5: colour 34%, shape 32%, position 50%); issue 16 stays open")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    assert DEMO_CHECKPOINT.stat().st_size <= 10 * 2**20
+    return load_models(DEMO_CHECKPOINT)
+
+
+@UNDER_TRAINED
+@pytest.mark.parametrize("scene, other_position", [(Scene("red", "circle", "left"), "right"), (Scene("blue", "square", "top"), "bottom")])
+def test_colour_and_position_follow_the_prompt(demo, scene, other_position):
+    """Four seeds; the control is the same seeds with the other position, so the noise cannot be what places it."""
+    moved = dataclasses.replace(scene, position=other_position)
+    for wanted in (scene, moved):
+        images = generate(wanted.caption(), models=demo, seed=3, num_images=4, progress=False)
+        readings = [reading(image) for image in images]
+        assert [(r.colour, r.position) for r in readings] == [(wanted.colour, wanted.position)] * 4, wanted.caption()
+
+
+@UNDER_TRAINED
+def test_image_to_image_keeps_the_input_at_low_strength_and_follows_the_prompt_at_full(demo):
+    source = example("blue-square.png")
+    assert reading(source) == Reading("blue", "square", "left")
+    prompt = Scene("yellow", "triangle", "right").caption()
+    kept = generate(prompt, models=demo, input_image=source, strength=0.3, seed=5, num_images=2, progress=False)
+    redrawn = generate(prompt, models=demo, input_image=source, strength=1.0, seed=5, num_images=2, progress=False)
+    for image in kept:
+        assert (reading(image).colour, reading(image).shape, reading(image).position) == ("blue", "square", "left")
+    for image in redrawn:
+        assert (reading(image).colour, reading(image).shape, reading(image).position) == ("yellow", "triangle", "right")
+
+
+@UNDER_TRAINED
+def test_inpainting_recolours_the_masked_object_and_nothing_else(demo):
+    source, mask = example("blue-square.png"), example("blue-square-mask.png")
+    assert np.asarray(mask)[16:48, 2:36].all() and np.asarray(mask).sum() == 255 * 32 * 34  # the box around the square
+    for colour in ("yellow", "blue"):  # "blue" is the control: the same repaint keeps the colour asked for
+        image, = generate(f"a {colour} square on the left", models=demo, input_image=source, mask=mask, strength=1.0, seed=7, progress=False)
+        inside = np.asarray(image)[16:48, 2:36]
+        assert read_image(np.pad(inside, ((4, 4), (4, 4), (0, 0)), constant_values=255)).colour == colour
+        outside = np.ones((64, 64), bool)
+        outside[16 - 12 : 48 + 12, 0 : 36 + 12] = False  # beyond the mask and the 3 radii of its feathered edge
+        assert np.array_equal(np.asarray(image)[outside], np.asarray(source)[outside])
+
+
+@UNDER_TRAINED
+def test_guidance_makes_the_images_follow_the_prompt(demo):
+    renders = render_all(demo, (7.5, 1.0), images_per_caption=1, seed=11, steps=20)
+    guided = accuracy([r for r in renders if r.cfg == 7.5])["all three"]
+    unguided = accuracy([r for r in renders if r.cfg == 1.0])["all three"]
+    assert guided >= 90 and guided > unguided + 10, (guided, unguided)
+
+
+def test_unknown_words_are_named_in_one_warning(demo, caplog):
+    generate("a red circle on the left next to a cat", models=demo, steps=2, seed=0, progress=False)
+    warning, = [record.getMessage() for record in caplog.records if "does not know" in record.getMessage()]
+    assert set(warning.split(": ")[1].split(", ")) == {"next", "to", "cat"}
+
+
+# Out of the box
+
+
+def test_the_readme_command_renders_with_the_demo_model_when_no_checkpoint_is_there(tmp_path, monkeypatch):
+    if any(path.is_file() for path in DEFAULT_CHECKPOINTS):
+        pytest.skip("an SD 1.5 checkpoint in data/ takes the demo model's place")
+    monkeypatch.delenv("SD_CHECKPOINT", raising=False)
+    result = subprocess.run([SD_SCRIPT, "generate", "--prompt", "a red circle on the left", "--seed", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "using the built-in demo model" in result.stderr
+    written, = (tmp_path / "outputs").glob("*.png")
+    image = Image.open(written)
+    assert image.size == (64, 64)
+    assert "Model: sd-demo" in image.text["parameters"]
