@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from sd import model_hash
 from sd.errors import SDError
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, check_settings, find_checkpoint, generate, image_dimensions, pick_device
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, check_settings, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, display_name
 
@@ -113,12 +113,11 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
-    with reading(checkpoint):
-        width, height = image_dimensions(width, height, None, checkpoint)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
-        read_mask(mask, input_image.size, width, height)  # refuses a mask that cannot work
+        # refuses a mask that cannot work; at the input's own size where none is given (generate checks it again)
+        read_mask(mask, input_image.size, width or input_image.width, height or input_image.height)
     random_seed = seed is None
     seed = random.randrange(MAX_SEED + 1) if random_seed else seed
     jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
