@@ -77,16 +77,14 @@ def generate(
     check_mask_has_image(mask, input_image)
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
-    if models is None:
-        checkpoint = find_checkpoint(checkpoint)
-    width, height = image_dimensions(width, height, models, checkpoint)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
+    width, height = image_dimensions(width, height, models, None if models is not None or (width and height) else find_checkpoint(checkpoint))
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
     if models is None:
-        models = cached_models(checkpoint, device, dtype)
+        models = cached_models(find_checkpoint(checkpoint), device, dtype)
     stored = next(models["diffusion"].parameters()).dtype
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])

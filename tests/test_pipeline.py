@@ -97,7 +97,7 @@ def test_checkpoint_is_loaded_once_and_reused(safetensors_checkpoint, monkeypatc
         (dict(num_images=0), "number of images must be at least 1"),
         (dict(device="tpu"), "unknown device"),
         (dict(device="cuda"), "device cuda is not available"),
-        (dict(checkpoint="/nowhere/model.safetensors"), "checkpoint not found: /nowhere/model.safetensors; download SD 1.5"),
+        (dict(checkpoint="/nowhere/model.safetensors"), "checkpoint not found: /nowhere/model.safetensors; get SD 1.5"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(settings, message):
