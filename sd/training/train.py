@@ -124,10 +124,7 @@ def train_vae(run: Run, state_path: Path, progress: bool) -> None:
         loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + config.kl_weight * kl
         step_optimizer(run, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (run.step + 1) % config.save_every == 0:
-            run.step += 1
-            save(run, state_path)
-            run.step -= 1
+        save_if_due(run, state_path)
     run.step = config.vae_steps
 
 
@@ -175,10 +172,7 @@ def train_unet(run: Run, state_path: Path, progress: bool) -> None:
         update_ema(run)
         run.losses.append(errors.mean().item())
         bar.set_postfix(loss=f"{sum(run.losses[-50:]) / len(run.losses[-50:]):.4f}")
-        if (run.step + 1) % config.save_every == 0:
-            run.step += 1
-            save(run, state_path)
-            run.step -= 1
+        save_if_due(run, state_path)
     run.step = config.unet_steps
 
 
@@ -236,6 +230,14 @@ def copy_of(model: nn.Module) -> nn.Module:
     copy = type(model)(model.config).to(memory_format=torch.channels_last)
     copy.load_state_dict(model.state_dict())
     return copy.requires_grad_(False)
+
+
+def save_if_due(run: Run, path: Path) -> None:
+    """Saves every save_every steps, as the state after the step just taken (a resumed run starts at the next)."""
+    if (run.step + 1) % run.config.save_every == 0:
+        run.step += 1
+        save(run, path)
+        run.step -= 1
 
 
 def save(run: Run, path: Path) -> None:
