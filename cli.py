@@ -4,7 +4,6 @@ import os
 import random
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,21 +224,14 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
     return remaining
 
 
-@contextmanager
-def reading(checkpoint: Path):
-    """Turns a checkpoint that cannot be read into one line saying where to get a good one."""
+def load(checkpoint: Path, device, dtype: str) -> dict:
+    started = time.perf_counter()
     try:
-        yield
+        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
     except SDError as error:
         raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
-
-
-def load(checkpoint: Path, device, dtype: str) -> dict:
-    started = time.perf_counter()
-    with reading(checkpoint):
-        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
     click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
 

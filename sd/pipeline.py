@@ -79,7 +79,9 @@ def generate(
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
-    width, height = image_dimensions(width, height, models, None if models is not None or (width and height) else find_checkpoint(checkpoint))
+    if models is None and (width is None or height is None):
+        checkpoint = find_checkpoint(checkpoint)  # its header gives the size
+    width, height = image_dimensions(width, height, models, checkpoint)
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")

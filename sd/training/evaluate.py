@@ -9,6 +9,7 @@ import argparse
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..model_loader import load_models
 from ..pipeline import DEMO_CHECKPOINT, generate
-from .world import COLOURS, POSITIONS, SHAPES, Scene, combinations, read_image
+from .world import COLOURS, POSITIONS, SHAPES, Reading, Scene, combinations, read_image
 
 ATTRIBUTES = ("colour", "shape", "position")
 GRID_SCALE = 2  # each 64x64 image drawn at 128x128
@@ -31,9 +32,12 @@ class Render:
     noise: int  # which starting noise: the same for every caption
     image: Image.Image
 
+    @cached_property
+    def reading(self) -> Reading:
+        return read_image(np.asarray(self.image))
+
     def correct(self) -> dict[str, bool]:
-        reading = read_image(np.asarray(self.image))
-        return {attribute: getattr(reading, attribute) == getattr(self.scene, attribute) for attribute in ATTRIBUTES}
+        return {attribute: getattr(self.reading, attribute) == getattr(self.scene, attribute) for attribute in ATTRIBUTES}
 
 
 def render_all(models: dict, cfg_scales: tuple[float, ...], images_per_caption: int, seed: int, **settings) -> list[Render]:
@@ -61,7 +65,7 @@ def layout_from_noise(renders: list[Render]) -> float:
     object lands in that noise's most common position, averaged (25 % when the text alone decides)."""
     shares = []
     for noise in sorted({render.noise for render in renders}):
-        positions = [read_image(np.asarray(render.image)).position for render in renders if render.noise == noise]
+        positions = [render.reading.position for render in renders if render.noise == noise]
         shares.append(Counter(positions).most_common(1)[0][1] / len(positions))
     return 100 * float(np.mean(shares))
 

@@ -110,8 +110,7 @@ def train(config: TrainingConfig, state_path: Path, output: Path, progress: bool
 def train_vae(run: Run, state_path: Path, progress: bool) -> None:
     config = run.config
     encoder, decoder = run.models["encoder"], run.models["decoder"]
-    if run.optimizer is None:
-        run.optimizer = torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=config.vae_learning_rate, weight_decay=0.0)
+    run.optimizer = run.optimizer or vae_optimizer(run)
     bar = trange(run.step, config.vae_steps, desc="VAE", disable=not progress, initial=run.step, total=config.vae_steps)
     for run.step in bar:
         images, _ = random_batch(config.vae_batch, run.generator, config.image_size)
@@ -126,6 +125,11 @@ def train_vae(run: Run, state_path: Path, progress: bool) -> None:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         save_if_due(run, state_path)
     run.step = config.vae_steps
+
+
+def vae_optimizer(run: Run) -> torch.optim.Optimizer:
+    parameters = [*run.models["encoder"].parameters(), *run.models["decoder"].parameters()]
+    return torch.optim.AdamW(parameters, lr=run.config.vae_learning_rate, weight_decay=0.0)
 
 
 @torch.no_grad()
@@ -276,7 +280,7 @@ def resume(config: TrainingConfig, path: Path) -> Run:
         for name, model in run.ema.items():
             model.load_state_dict(state["ema"][name])
     elif state["optimizer"] is not None:
-        run.optimizer = torch.optim.AdamW([*run.models["encoder"].parameters(), *run.models["decoder"].parameters()])
+        run.optimizer = vae_optimizer(run)
     if state["optimizer"] is not None:
         run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"])
