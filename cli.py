@@ -4,7 +4,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -14,11 +14,11 @@ from PIL.PngImagePlugin import PngInfo
 from sd import model_hash
 from sd.errors import SDError
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, check_settings, find_checkpoint, generate, pick_device
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
-from sd.samplers import SAMPLERS, display_name
+from sd.samplers import SAMPLERS
+from sd.settings import MAX_SEED, Settings
 
-MAX_SEED = 2**32 - 1
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
 
@@ -108,7 +108,8 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     prompts = read_prompts(prompt, prompts_file)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
-    check_settings(strength, cfg, sampler, steps, width, height, num_images, karras, eta, mask_blur)
+    settings = Settings(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg_scale=cfg,
+                        width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
@@ -127,12 +128,9 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
         return
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
-    settings = dict(negative_prompt=negative_prompt, input_image=input_image, mask=mask, mask_blur=mask_blur,
-                    strength=strength, cfg_scale=cfg, sampler=sampler, karras=karras, eta=eta, steps=steps,
-                    width=width, height=height, device=device)
     saved = 0
     try:
-        for path in render(jobs, settings, checkpoint, device, dtype):
+        for path in render(jobs, settings, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -141,16 +139,18 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
 
-def render(jobs: list[Job], settings: dict, checkpoint: Path, device, dtype: str):
-    """Makes and saves each job's image with one model load, yielding each file once it is complete."""
+def render(jobs: list[Job], settings: Settings, images: dict, checkpoint: Path, device, dtype: str):
+    """Makes and saves each job's image with one model load, yielding each file once it is complete. `images`:
+    generate()'s input image and mask."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
-        image, = generate(job.prompt, seed=job.seed, models=models, **settings)
+        image, = generate(replace(settings, prompt=job.prompt, seed=job.seed), models=models, device=device, **images)
         sampling += time.perf_counter() - started
         short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
-        save_png(image, job.path, parameters(image.info["sd"], short_hash, checkpoint.stem))
+        made = replace(image.info["sd"], model_hash=short_hash, model=checkpoint.stem)
+        save_png(image, job.path, made.to_infotext())
         yield job.path
     click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
 
@@ -251,32 +251,6 @@ def checkpoint_hash(checkpoint: Path) -> str:
         return model_hash.short_hash(checkpoint)
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error})") from None
-
-
-def parameters(settings: dict, short_hash: str, model_name: str) -> str:
-    """The settings of an image as AUTOMATIC1111 writes them: prompt, negative prompt, then one line of fields."""
-    fields = {
-        "Steps": settings["steps"],
-        "Sampler": display_name(settings["sampler"], settings["karras"]),
-        "CFG scale": f"{settings['cfg_scale']:g}",
-        "Seed": settings["seed"],
-        "Size": f"{settings['width']}x{settings['height']}",
-        "Model hash": short_hash,
-        "Model": model_name,
-    }
-    if settings["eta"]:
-        fields["Eta"] = f"{settings['eta']:g}"
-    if settings["strength"] is not None:
-        fields["Denoising strength"] = f"{settings['strength']:g}"
-    if settings["inpainted"]:
-        fields["Inpainted"] = "yes"
-    if settings["mask_blur"] is not None:
-        fields["Mask blur"] = settings["mask_blur"]
-    lines = [settings["prompt"]]
-    if settings["negative_prompt"]:
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    lines.append(", ".join(f"{name}: {value}" for name, value in fields.items()))
-    return "\n".join(lines)
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
