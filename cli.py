@@ -1,10 +1,11 @@
 """The `sd` command: `sd generate --prompt "..."` renders images with Stable Diffusion 1.5."""
 
+import json
 import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -17,21 +18,22 @@ from sd.inpaint import check_mask_has_image, read_mask
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS
-from sd.settings import MAX_SEED, Settings
-
+from sd.metadata import read_infotext_of
+from sd.settings import MAX_SEED, Settings, read_infotext, split_infotext
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
 
 
 class Group(click.Group):
-    """Prints a user-fixable problem (SDError) as one line and exits with code 2, like a usage error."""
+    """Prints a user-fixable problem (SDError) as one line and exits with its code: 2, like a usage error, or 1
+    for an image without settings."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SDError as error:
             click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,6 +139,44 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
         resume = f"; run the same command with --seed {seed} to make the rest" if output is None else ""
         click.echo(f"\ninterrupted: {saved} of {len(jobs)} images saved{resume}", err=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+
+
+@main.command("info")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list for scripts: each image's prompts, fields as written, and the settings sd reads from them.")
+def info_command(images, as_json):
+    """Print the settings stored in images by sd, AUTOMATIC1111 or stable-diffusion.cpp (PNG, JPEG, WebP).
+
+    Exit code 1 when an image has no settings, 2 when one is not an image or holds another tool's metadata.
+    """
+    results, exit_code = [], 0
+    for path in images:
+        try:
+            results.append(describe(path))
+        except SDError as error:
+            click.echo(f"error: {error}", err=True)
+            results.append({"file": str(path), "error": str(error)})
+            exit_code = max(exit_code, error.exit_code)
+            continue
+        if not as_json:
+            click.echo(f"{path}:\n{results[-1]['infotext']}\n" if len(images) > 1 else results[-1]["infotext"])
+            if "unusable" in results[-1]:
+                click.echo(f"note: sd cannot render these settings: {results[-1]['unusable']}", err=True)
+    if as_json:
+        click.echo(json.dumps(results, indent=1, ensure_ascii=False))
+    raise SystemExit(exit_code)
+
+
+def describe(path: Path) -> dict:
+    """What `sd info --json` says of an image; `settings` is null (with the reason) when sd cannot render them."""
+    text = read_infotext_of(path)
+    prompt, negative, fields = split_infotext(text)
+    result = {"file": str(path), "infotext": text, "prompt": prompt, "negative_prompt": negative, "fields": fields}
+    try:
+        infotext = read_infotext(text)
+        return {**result, "settings": asdict(infotext.settings), "ignored": infotext.ignored}
+    except SDError as error:
+        return {**result, "settings": None, "unusable": str(error)}
 
 
 def render(jobs: list[Job], settings: Settings, images: dict, checkpoint: Path, device, dtype: str):
