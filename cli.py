@@ -9,17 +9,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.errors import SDError
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.metadata import read_infotext_of
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
-from sd.samplers import SAMPLERS
-from sd.metadata import read_infotext_of
-from sd.settings import MAX_SEED, Settings, read_infotext, split_infotext
+from sd.samplers import SAMPLERS, karras_by_default
+from sd.settings import MAX_SEED, Infotext, Settings, read_infotext, split_infotext
+
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
 
@@ -60,16 +62,21 @@ class Job:
 @click.option("--prompt", help="What to draw.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A batch: one prompt per line; blank lines and lines starting with # are skipped. The model is loaded once.")
+@click.option("--from", "from_image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Render with the settings stored in this image by sd, AUTOMATIC1111 or stable-diffusion.cpp (PNG, JPEG, "
+                   "WebP; see `sd info`); the options given here override them.")
 @click.option("--negative-prompt", default="", help="What to steer away from (for every prompt).")
 @click.option("--cfg", type=click.FloatRange(min=0), default=7.5, show_default=True,
               help="Classifier-free guidance scale: how closely to follow the prompt; 1 turns guidance off.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps.")
+@click.option("--seed", type=click.IntRange(-1, MAX_SEED),
               help="Seed of the first image; image i of the batch (counting every image of every prompt, from 0) "
-                   "uses seed + i. Default: a random seed, printed.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+                   "uses seed + i. Default, or -1: a random seed, printed.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="dpmpp_2m", show_default=True,
               help="How each step removes noise.")
-@click.option("--karras", is_flag=True, help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m).")
+@click.option("--karras/--no-karras", default=None,
+              help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m). "
+                   "Default: on for dpmpp_2m (AUTOMATIC1111's DPM++ 2M Karras), off for the others.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="ddim only: the share of fresh noise in each step (0 deterministic, 1 as much as DDPM).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -99,19 +106,21 @@ class Job:
               help="The folder to write to, default outputs/, as INDEX-SEED-PROMPT.png (e.g. 00000-42-a-photo-of-a-cat.png). "
                    "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
-def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path, strength,
-                     mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
+def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
+                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
     Each PNG carries its settings in a `parameters` text chunk, in AUTOMATIC1111's format.
     """
     # Everything cheap is checked before the models load, so a mistake costs no waiting.
-    prompts = read_prompts(prompt, prompts_file)
+    options = dict(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg, seed=seed,
+                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
+    image = read_image_settings(from_image, given(options)) if from_image is not None else None
+    settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
+    prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
-    settings = Settings(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg_scale=cfg,
-                        width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
@@ -119,9 +128,9 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
         # refuses a mask that cannot work; at the input's own size where none is given (generate checks it again)
-        read_mask(mask, input_image.size, width or input_image.width, height or input_image.height)
-    random_seed = seed is None
-    seed = random.randrange(MAX_SEED + 1) if random_seed else seed
+        read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
+    random_seed = settings.seed is None
+    seed = random.randrange(MAX_SEED + 1) if random_seed else settings.seed
     jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
     check_writable(jobs[0].path.parent, "--output" if output else "--outdir")
     if not overwrite:
@@ -130,6 +139,8 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
         return
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
+    if image is not None and image.settings.model_hash is not None:
+        warn_of_another_model(from_image, image.settings, checkpoint)
     saved = 0
     try:
         for path in render(jobs, settings, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
@@ -195,7 +206,59 @@ def render(jobs: list[Job], settings: Settings, images: dict, checkpoint: Path, 
     click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
 
 
-def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+# the options that are settings, by their names in generate_command -> in Settings where they differ
+SETTINGS_NAMES = {"cfg": "cfg_scale"}
+# the infotext fields that an option given on the command line takes the place of
+INFOTEXT_FIELDS = {
+    "steps": ["Steps"], "sampler": ["Sampler", "Schedule type"], "cfg": ["CFG scale"], "seed": ["Seed"],
+    "strength": ["Denoising strength"], "mask_blur": ["Mask blur"], "eta": ["Eta DDIM", "Eta"],
+}
+
+
+def given(options: dict) -> dict:
+    """The options among `options` given on the command line."""
+    source = click.get_current_context().get_parameter_source
+    return {name: value for name, value in options.items() if source(name) == ParameterSource.COMMANDLINE}
+
+
+def command_settings(base: Settings, options: dict) -> Settings:
+    """`base` with the options' values: seed -1 for a random one, and unless --karras or --no-karras is given,
+    the chosen sampler's own noise levels (Karras's for dpmpp_2m)."""
+    chosen = {SETTINGS_NAMES.get(name, name): value for name, value in options.items()}
+    if chosen.get("seed") == -1:
+        chosen["seed"] = None
+    if "sampler" in chosen and chosen.get("karras") is None:
+        chosen["karras"] = karras_by_default(chosen["sampler"])
+    return replace(base, **chosen)
+
+
+def read_image_settings(path: Path, options: dict) -> Infotext:
+    """The settings of the --from image, but for the fields `options` replace; warns of those sd ignores."""
+    leave_out = {field for name in options for field in INFOTEXT_FIELDS.get(name, [])}
+    if "width" in options and "height" in options:
+        leave_out.add("Size")
+    text = read_infotext_of(path)
+    try:
+        image = read_infotext(text, leave_out)
+    except SDError as error:
+        raise SDError(f"--from {path}: {error}") from None
+    if image.ignored:
+        click.echo(f"warning: ignored from {path}, sd has no such settings: {', '.join(image.ignored)}", err=True)
+    return replace(image, settings=replace(image.settings, inpainted=False))
+
+
+def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
+    short_hash = checkpoint_hash(checkpoint)
+    if made.model_hash != short_hash:
+        model = f" ({made.model})" if made.model else ""
+        click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
+                   f"{short_hash} ({checkpoint.name}): the image will differ", err=True)
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:
+    """The prompts of --prompt or --prompts-file, else `default` (the --from image's)."""
+    if prompt is None and prompts_file is None and default is not None:
+        return [default]
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either --prompt TEXT or --prompts-file FILE")
     if prompt is not None:
