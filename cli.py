@@ -1,5 +1,7 @@
 """The `sd` command: `sd generate --prompt "..."` renders images with Stable Diffusion 1.5."""
 
+import csv
+import itertools
 import json
 import os
 import random
@@ -15,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.errors import SDError
+from sd.grid import contact_sheet, labelled_grid
 from sd.inpaint import check_mask_has_image, read_mask
 from sd.metadata import read_infotext_of
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
@@ -49,12 +52,35 @@ def png_path(ctx, param, path: Path | None) -> Path | None:
     return path
 
 
+def yes_no(text: str) -> bool:
+    if text.lower() not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("yes", "true", "on", "1")
+
+
+# the settings an X/Y plot can vary, by the names --xy takes (the options' names) -> how a value is read
+AXES = {
+    "prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "karras": yes_no, "cfg": float, "seed": int,
+    "width": int, "height": int, "strength": float, "eta": float, "mask_blur": int,
+}
+
+VALUE_KINDS = {int: "a whole number", float: "a number", yes_no: "yes or no"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of an X/Y plot: the setting, by the name --xy takes, and its values as given and as read."""
+
+    name: str
+    texts: list[str]
+    values: list
+
+
 @dataclass
 class Job:
-    """One image to make: its prompt, its seed and its file."""
+    """One image to make: its settings (prompt and seed included) and its file."""
 
-    prompt: str
-    seed: int
+    settings: Settings
     path: Path
 
 
@@ -106,8 +132,15 @@ class Job:
               help="The folder to write to, default outputs/, as INDEX-SEED-PROMPT.png (e.g. 00000-42-a-photo-of-a-cat.png). "
                    "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
+@click.option("--grid", is_flag=True, help="Also write the batch's images as one contact sheet, grid-NNNN.png beside them, "
+                                           "in rows and columns near square, with the first image's settings.")
+@click.option("--xy", nargs=2, metavar="X Y",
+              help='An X/Y plot: every combination of two settings\' values, e.g. --xy "cfg=3,7.5,12" "steps=10,20", with one '
+                   f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
+                   'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
-                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
+                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite,
+                     grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -121,6 +154,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
+    axes = [read_axis(text) for text in xy] if xy else None
+    if axes and (len(prompts) > 1 or num_images > 1):
+        raise click.UsageError("--xy plots one prompt, one image per cell: leave out --prompts-file and --num-images")
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
@@ -131,10 +167,13 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
     random_seed = settings.seed is None
     seed = random.randrange(MAX_SEED + 1) if random_seed else settings.seed
-    jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
-    check_writable(jobs[0].path.parent, "--output" if output else "--outdir")
-    if not overwrite:
-        jobs = skip_existing(jobs, stop=output is not None)
+    if axes:
+        batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
+    else:  # image k of prompt j is number i = j * num_images + k, with seed + i
+        batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
+    planned = plan(batch, output, outdir or Path("outputs"))
+    check_writable(planned[0].path.parent, "--output" if output else "--outdir")
+    jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
     if random_seed:
@@ -143,13 +182,15 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_another_model(from_image, image.settings, checkpoint)
     saved = 0
     try:
-        for path in render(jobs, settings, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
         resume = f"; run the same command with --seed {seed} to make the rest" if output is None else ""
         click.echo(f"\ninterrupted: {saved} of {len(jobs)} images saved{resume}", err=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    if axes or grid:
+        click.echo(f"saved {save_grid(planned, axes)}")
 
 
 @main.command("info")
@@ -190,14 +231,14 @@ def describe(path: Path) -> dict:
         return {**result, "settings": None, "unusable": str(error)}
 
 
-def render(jobs: list[Job], settings: Settings, images: dict, checkpoint: Path, device, dtype: str):
+def render(jobs: list[Job], images: dict, checkpoint: Path, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `images`:
     generate()'s input image and mask."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
-        image, = generate(replace(settings, prompt=job.prompt, seed=job.seed), models=models, device=device, **images)
+        image, = generate(job.settings, models=models, device=device, **images)
         sampling += time.perf_counter() - started
         short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
         made = replace(image.info["sd"], model_hash=short_hash, model=checkpoint.stem)
@@ -230,6 +271,56 @@ def command_settings(base: Settings, options: dict) -> Settings:
     if "sampler" in chosen and chosen.get("karras") is None:
         chosen["karras"] = karras_by_default(chosen["sampler"])
     return replace(base, **chosen)
+
+
+def read_axis(text: str) -> Axis:
+    """An --xy axis, "cfg=3,7.5,12": a setting and its values, separated by commas (csv quoting for a comma)."""
+    name, equals, values = text.partition("=")
+    name = name.strip().lower().replace("-", "_")
+    if name not in AXES:
+        raise SDError(f"--xy {text!r}: {name!r} is not a setting an X/Y plot can vary; choose one of {', '.join(AXES)}")
+    texts = [value.strip() for value in next(csv.reader([values], skipinitialspace=True), [])] if equals else []
+    if not texts or "" in texts:
+        raise SDError(f"--xy {text!r}: give {name}'s values after '=', separated by commas, e.g. --xy \"cfg=3,7.5,12\" \"steps=10,20\"")
+    try:
+        return Axis(name, texts, [AXES[name](value) for value in texts])
+    except ValueError:
+        raise SDError(f"--xy {text!r}: each value of {name} must be {VALUE_KINDS[AXES[name]]}") from None
+
+
+def plot_settings(base: Settings, axes: list[Axis], keep_karras: bool) -> list[Settings]:
+    """The settings of every cell of an X/Y plot, row by row (Y) and column by column (X). A sampler on an axis
+    takes its own noise levels (Karras's for dpmpp_2m) unless --karras or --no-karras is given."""
+    x, y = axes
+    if x.name == y.name:
+        raise SDError(f"--xy: both axes vary {x.name}: give two different settings")
+    cells = []
+    for y_value in y.values:
+        for x_value in x.values:
+            chosen = {SETTINGS_NAMES.get(axis.name, axis.name): value for axis, value in ((x, x_value), (y, y_value))}
+            if "sampler" in chosen and "karras" not in chosen and not keep_karras:
+                chosen["karras"] = karras_by_default(chosen["sampler"])
+            try:
+                cells.append(replace(base, **chosen))
+            except SDError as error:
+                raise SDError(f"--xy: {error}") from None
+    return cells
+
+
+def save_grid(jobs: list[Job], axes: list[Axis] | None) -> Path:
+    """The batch's images in one grid-NNNN.png beside them (the first number not taken), with the first image's
+    settings; an X/Y plot's with each axis' values along its edge."""
+    images = [open_image(job.path, "the grid's image") for job in jobs]
+    if axes:
+        x, y = axes
+        rows = [images[row * len(x.values):(row + 1) * len(x.values)] for row in range(len(y.values))]
+        sheet = labelled_grid(rows, [f"{x.name}: {text}" for text in x.texts], [f"{y.name}: {text}" for text in y.texts])
+    else:
+        sheet = contact_sheet(images)
+    folder = jobs[0].path.parent
+    path = next(folder / name for number in itertools.count() if not (folder / (name := f"grid-{number:04d}.png")).exists())
+    save_png(sheet, path, read_infotext_of(jobs[0].path))
+    return path
 
 
 def read_image_settings(path: Path, options: dict) -> Infotext:
@@ -283,19 +374,18 @@ def open_image(path: Path, option: str) -> Image.Image:
         raise SDError(f"{option} {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
 
 
-def plan(prompts: list[str], num_images: int, seed: int, output: Path | None, outdir: Path) -> list[Job]:
-    """Every image of the batch, in order: image k of prompt j is number i = j * num_images + k, with seed + i."""
-    total = len(prompts) * num_images
+def plan(batch: list[Settings], output: Path | None, outdir: Path) -> list[Job]:
+    """The file of each image of the batch: image i (from 0) as outdir/INDEX-SEED-PROMPT.png, or --output as given
+    or numbered from 1."""
     jobs = []
-    for index in range(total):
-        prompt = prompts[index // num_images]
+    for index, settings in enumerate(batch):
         if output is None:
-            path = outdir / f"{index:05d}-{seed + index}-{slug(prompt)}.png"
-        elif total == 1:
+            path = outdir / f"{index:05d}-{settings.seed}-{slug(settings.prompt)}.png"
+        elif len(batch) == 1:
             path = output
         else:
             path = output.with_name(f"{output.stem}-{index + 1}{output.suffix}")
-        jobs.append(Job(prompt, seed + index, path))
+        jobs.append(Job(settings, path))
     return jobs
 
 

@@ -100,8 +100,9 @@ def display_name(name: str, karras: bool) -> str:
 
 
 def karras_by_default(name: str) -> bool:
-    """Whether the sampler uses Karras's noise levels when nobody says: A1111's "Automatic" schedule."""
-    return getattr(SAMPLERS[name], "karras_by_default", False)
+    """Whether the sampler uses Karras's noise levels when nobody says: A1111's "Automatic" schedule. False for a
+    name that is no sampler's, which Settings then refuses."""
+    return getattr(SAMPLERS.get(name), "karras_by_default", False)
 
 
 def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0, known: KnownRegion | None = None) -> torch.Tensor:
