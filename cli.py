@@ -249,11 +249,6 @@ def render(jobs: list[Job], images: dict, checkpoint: Path, device, dtype: str):
 
 # the options that are settings, by their names in generate_command -> in Settings where they differ
 SETTINGS_NAMES = {"cfg": "cfg_scale"}
-# the infotext fields that an option given on the command line takes the place of
-INFOTEXT_FIELDS = {
-    "steps": ["Steps"], "sampler": ["Sampler", "Schedule type"], "cfg": ["CFG scale"], "seed": ["Seed"],
-    "strength": ["Denoising strength"], "mask_blur": ["Mask blur"], "eta": ["Eta DDIM", "Eta"],
-}
 
 
 def given(options: dict) -> dict:
@@ -325,12 +320,9 @@ def save_grid(jobs: list[Job], axes: list[Axis] | None) -> Path:
 
 def read_image_settings(path: Path, options: dict) -> Infotext:
     """The settings of the --from image, but for the fields `options` replace; warns of those sd ignores."""
-    leave_out = {field for name in options for field in INFOTEXT_FIELDS.get(name, [])}
-    if "width" in options and "height" in options:
-        leave_out.add("Size")
     text = read_infotext_of(path)
     try:
-        image = read_infotext(text, leave_out)
+        image = read_infotext(text, leave_out=[SETTINGS_NAMES.get(name, name) for name in options])
     except SDError as error:
         raise SDError(f"--from {path}: {error}") from None
     if image.ignored:

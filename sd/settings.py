@@ -12,8 +12,8 @@ comma, a colon or a newline is written as a JSON string. The reader also takes w
 schedule apart, "Sampler: DPM++ 2M, Schedule type: Karras") and what stable-diffusion.cpp writes (its own
 sampler names, floats as 7.000000).
 
-Adding a setting means a field below, its check in __post_init__, and its infotext name in to_infotext() and
-FIELD_READERS.
+Adding a setting means a field below, its check in __post_init__, and its infotext name in to_infotext(),
+FIELD_READERS and INFOTEXT_NAMES.
 """
 
 import json
@@ -164,9 +164,12 @@ def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 def read_infotext(text: str, leave_out: Collection[str] = ()) -> Infotext:
     """Takes an A1111 infotext apart into Settings; a field sd reads but whose value it cannot use is an SDError.
-    The fields named in `leave_out` (those the caller sets itself) are not read."""
+    The fields of the settings named in `leave_out` (those the caller sets itself) are not read."""
     prompt, negative, written = split_infotext(text)
-    fields_found = {name: value for name, value in written.items() if name not in leave_out}
+    unread = {name for setting in leave_out for name in INFOTEXT_NAMES.get(setting, ())}
+    if {"width", "height"} <= set(leave_out):
+        unread.add("Size")
+    fields_found = {name: value for name, value in written.items() if name not in unread}
     values, ignored = {"prompt": prompt, "negative_prompt": negative}, []
     for name, value in fields_found.items():
         if name in FIELD_READERS:
@@ -244,6 +247,11 @@ FIELD_READERS = {
     "Mask blur": lambda name, value: {"mask_blur": whole_number(name, value)},
     "Inpainted": lambda name, value: {"inpainted": value == "yes"},
     "Eta DDIM": lambda name, value: {"eta": decimal(name, value)},
+}
+# the infotext fields each setting is read from (width and height: from Size, the two together)
+INFOTEXT_NAMES = {
+    "steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "cfg_scale": ("CFG scale",), "seed": ("Seed",),
+    "strength": ("Denoising strength",), "mask_blur": ("Mask blur",), "eta": ("Eta DDIM", "Eta"),
 }
 READ_APART = {"Sampler", "Schedule type", "Eta"}  # they depend on each other
 NOT_SETTINGS = {"Version", "User"}  # about the program or its user, not the image

@@ -108,6 +108,13 @@ def test_unusable_infotexts_are_one_line_errors(line, message):
     assert "\n" not in str(error.value)
 
 
+def test_the_fields_of_settings_set_elsewhere_are_not_read():
+    infotext = read_infotext("a cat\nSteps: many, Sampler: Magic, Schedule type: Exponential, CFG scale: 5, Size: 64x96",
+                             leave_out=["steps", "sampler", "width"])
+    assert infotext.settings == Settings("a cat", cfg_scale=5.0, width=64, height=96)  # Size needs width and height left out
+    assert infotext.ignored == [] and infotext.fields["Steps"] == "many"
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [(dict(seed=-1), "seed must be between 0 and 4294967295, got -1"), (dict(mask_blur=-2), "mask blur must be 0 or more"),
