@@ -26,7 +26,8 @@ def contact_sheet(images: list[Image.Image]) -> Image.Image:
 
 
 def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_labels: list[str]) -> Image.Image:
-    """`cells[row][column]` in a grid, each column's label above it and each row's on its left."""
+    """`cells[row][column]` in a grid, each column's label above it and each row's on its left; every cell is as
+    large as the largest image (a plot of sizes has several), each image at its top left."""
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -34,7 +35,8 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
         left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
-    width, height = cells[0][0].size
+    width = max(image.width for row in cells for image in row)
+    height = max(image.height for row in cells for image in row)
     left_margin = max(text_size(label)[0] for label in row_labels) + 2 * LABEL_PADDING
     top_margin = max(text_size(label)[1] for label in column_labels) + 2 * LABEL_PADDING
     grid = Image.new("RGB", (left_margin + len(column_labels) * width, top_margin + len(row_labels) * height), BACKGROUND)

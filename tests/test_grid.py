@@ -86,6 +86,20 @@ def test_a_sampler_axis_takes_each_samplers_own_noise_levels():
     assert Path("grid-0000.png").exists()
 
 
+def test_a_plot_of_sizes_gives_each_cell_the_largest_size():
+    result = sd(*PROMPT, "--steps", 2, "--xy", "width=64,128", "height=64,96", "--outdir", "sizes")
+    assert result.exit_code == 0, result.output
+    grid = Image.open("sizes/grid-0000.png")
+    left, top = grid.width - 2 * 128, grid.height - 2 * 96
+    assert left > 30 and top > 8
+    for index, (height, width) in enumerate([(64, 64), (64, 128), (96, 64), (96, 128)]):
+        row, column = divmod(index, 2)
+        cell, = Path("sizes").glob(f"{index:05d}-*.png")
+        assert Image.open(cell).size == (width, height)
+        x, y = left + 128 * column, top + 96 * row
+        assert np.array_equal(pixels(grid.crop((x, y, x + width, y + height))), pixels(cell)), (width, height)
+
+
 @pytest.mark.parametrize(
     "axes, message",
     [
