@@ -149,7 +149,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     # Everything cheap is checked before the models load, so a mistake costs no waiting.
     options = dict(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg, seed=seed,
                    width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
-    image = read_image_settings(from_image, given(options)) if from_image is not None else None
+    image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
@@ -318,15 +318,23 @@ def save_grid(jobs: list[Job], axes: list[Axis] | None) -> Path:
     return path
 
 
-def read_image_settings(path: Path, options: dict) -> Infotext:
-    """The settings of the --from image, but for the fields `options` replace; warns of those sd ignores."""
+def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
+    """The settings of the --from image, but for the fields `options` replace; warns in one line of those sd
+    ignores: those it has no setting for, and without --input those of image-to-image."""
     text = read_infotext_of(path)
     try:
         image = read_infotext(text, leave_out=[SETTINGS_NAMES.get(name, name) for name in options])
     except SDError as error:
         raise SDError(f"--from {path}: {error}") from None
+    unused = [] if has_input else [name for name, value in (("Denoising strength", image.settings.strength),
+                                                               ("Mask blur", image.settings.mask_blur)) if value is not None]
+    reasons = []
     if image.ignored:
-        click.echo(f"warning: ignored from {path}, sd has no such settings: {', '.join(image.ignored)}", err=True)
+        reasons.append(f"{', '.join(image.ignored)} (sd has no such settings)")
+    if unused:
+        reasons.append(f"{', '.join(unused)} (without --input)")
+    if reasons:
+        click.echo(f"warning: ignored from {path}: {'; '.join(reasons)}", err=True)
     return replace(image, settings=replace(image.settings, inpainted=False))
 
 

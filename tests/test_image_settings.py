@@ -150,7 +150,7 @@ def test_generate_from_an_a1111_image_warns_of_the_model_and_of_what_it_ignores(
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, result.stderr
-    assert warnings[0] == "warning: ignored from a1111.png, sd has no such settings: Clip skip, Lora hashes"
+    assert warnings[0] == "warning: ignored from a1111.png: Clip skip, Lora hashes (sd has no such settings)"
     assert warnings[1].startswith("warning: a1111.png was made with model hash 0123456789 (someone-elses), not this checkpoint's")
     written = Settings.from_infotext(Image.open("out.png").text["parameters"])
     assert written == Settings("a red circle on the left,\nsmall", "blurry, text: watermark", steps=3, sampler="dpmpp_2m", karras=True,
@@ -160,3 +160,17 @@ def test_generate_from_an_a1111_image_warns_of_the_model_and_of_what_it_ignores(
     result = sd("generate", "--from", "sde.png", "--sampler", "euler", "--checkpoint", "demo", "--output", "euler.png")
     assert result.exit_code == 0, result.output
     assert "Sampler: Euler, " in Image.open("euler.png").text["parameters"]
+
+
+def test_generate_from_an_image_to_image_render_needs_the_input():
+    png_with("i2i.png", parameters="a red circle on the left\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5, Mask blur: 4")
+    result = sd("generate", "--from", "i2i.png", "--checkpoint", "demo", "--output", "t2i.png")
+    assert result.exit_code == 0, result.output
+    assert "warning: ignored from i2i.png: Denoising strength, Mask blur (without --input)\n" in result.stderr
+    assert "Denoising strength" not in Image.open("t2i.png").text["parameters"]
+
+    Image.new("RGB", (64, 64), (0, 0, 255)).save("input.png")
+    result = sd("generate", "--from", "i2i.png", "--input", "input.png", "--checkpoint", "demo", "--output", "redrawn.png")
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    assert ", Denoising strength: 0.5" in Image.open("redrawn.png").text["parameters"]
