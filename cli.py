@@ -1,37 +1,44 @@
 """The `sd` command: `sd generate --prompt "..."` renders images with Stable Diffusion 1.5."""
 
+import csv
+import itertools
+import json
 import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.errors import SDError
+from sd.grid import contact_sheet, labelled_grid
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, check_settings, find_checkpoint, generate, pick_device
+from sd.metadata import read_infotext_of
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
-from sd.samplers import SAMPLERS, display_name
+from sd.samplers import SAMPLERS, karras_by_default
+from sd.settings import MAX_SEED, Infotext, Settings, read_infotext, split_infotext
 
-MAX_SEED = 2**32 - 1
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
 
 
 class Group(click.Group):
-    """Prints a user-fixable problem (SDError) as one line and exits with code 2, like a usage error."""
+    """Prints a user-fixable problem (SDError) as one line and exits with its code: 2, like a usage error, or 1
+    for an image without settings."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SDError as error:
             click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,12 +52,35 @@ def png_path(ctx, param, path: Path | None) -> Path | None:
     return path
 
 
+def yes_no(text: str) -> bool:
+    if text.lower() not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("yes", "true", "on", "1")
+
+
+# the settings an X/Y plot can vary, by the names --xy takes (the options' names) -> how a value is read
+AXES = {
+    "prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "karras": yes_no, "cfg": float, "seed": int,
+    "width": int, "height": int, "strength": float, "eta": float, "mask_blur": int,
+}
+
+VALUE_KINDS = {int: "a whole number", float: "a number", yes_no: "yes or no"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of an X/Y plot: the setting, by the name --xy takes, and its values as given and as read."""
+
+    name: str
+    texts: list[str]
+    values: list
+
+
 @dataclass
 class Job:
-    """One image to make: its prompt, its seed and its file."""
+    """One image to make: its settings (prompt and seed included) and its file."""
 
-    prompt: str
-    seed: int
+    settings: Settings
     path: Path
 
 
@@ -58,16 +88,21 @@ class Job:
 @click.option("--prompt", help="What to draw.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A batch: one prompt per line; blank lines and lines starting with # are skipped. The model is loaded once.")
+@click.option("--from", "from_image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Render with the settings stored in this image by sd, AUTOMATIC1111 or stable-diffusion.cpp (PNG, JPEG, "
+                   "WebP; see `sd info`); the options given here override them.")
 @click.option("--negative-prompt", default="", help="What to steer away from (for every prompt).")
 @click.option("--cfg", type=click.FloatRange(min=0), default=7.5, show_default=True,
               help="Classifier-free guidance scale: how closely to follow the prompt; 1 turns guidance off.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED),
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps.")
+@click.option("--seed", type=click.IntRange(-1, MAX_SEED),
               help="Seed of the first image; image i of the batch (counting every image of every prompt, from 0) "
-                   "uses seed + i. Default: a random seed, printed.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
+                   "uses seed + i. Default, or -1: a random seed, printed.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="dpmpp_2m", show_default=True,
               help="How each step removes noise.")
-@click.option("--karras", is_flag=True, help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m).")
+@click.option("--karras/--no-karras", default=None,
+              help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m). "
+                   "Default: on for dpmpp_2m (AUTOMATIC1111's DPM++ 2M Karras), off for the others.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="ddim only: the share of fresh noise in each step (0 deterministic, 1 as much as DDPM).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -97,18 +132,31 @@ class Job:
               help="The folder to write to, default outputs/, as INDEX-SEED-PROMPT.png (e.g. 00000-42-a-photo-of-a-cat.png). "
                    "Files already there are skipped: a stopped batch resumes when run again with the same --seed.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of stopping (--output) or skipping them (--outdir).")
-def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path, strength,
-                     mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite):
+@click.option("--grid", is_flag=True, help="Also write the batch's images as one contact sheet, grid-NNNN.png beside them, "
+                                           "in rows and columns near square, with the first image's settings.")
+@click.option("--xy", nargs=2, metavar="X Y",
+              help='An X/Y plot: every combination of two settings\' values, e.g. --xy "cfg=3,7.5,12" "steps=10,20", with one '
+                   f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
+                   'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
+def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
+                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite,
+                     grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
     Each PNG carries its settings in a `parameters` text chunk, in AUTOMATIC1111's format.
     """
     # Everything cheap is checked before the models load, so a mistake costs no waiting.
-    prompts = read_prompts(prompt, prompts_file)
+    options = dict(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg, seed=seed,
+                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
+    image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
+    settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
+    prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
-    check_settings(strength, cfg, sampler, steps, width, height, num_images, karras, eta, mask_blur)
+    axes = [read_axis(text) for text in xy] if xy else None
+    if axes and (len(prompts) > 1 or num_images > 1):
+        raise click.UsageError("--xy plots one prompt, one image per cell: leave out --prompts-file and --num-images")
     check_mask_has_image(mask_path, input_path)
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
@@ -116,46 +164,192 @@ def generate_command(prompt, prompts_file, negative_prompt, cfg, steps, seed, sa
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
         # refuses a mask that cannot work; at the input's own size where none is given (generate checks it again)
-        read_mask(mask, input_image.size, width or input_image.width, height or input_image.height)
-    random_seed = seed is None
-    seed = random.randrange(MAX_SEED + 1) if random_seed else seed
-    jobs = plan(prompts, num_images, seed, output, outdir or Path("outputs"))
-    check_writable(jobs[0].path.parent, "--output" if output else "--outdir")
-    if not overwrite:
-        jobs = skip_existing(jobs, stop=output is not None)
+        read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
+    random_seed = settings.seed is None
+    seed = random.randrange(MAX_SEED + 1) if random_seed else settings.seed
+    if axes:
+        batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
+    else:  # image k of prompt j is number i = j * num_images + k, with seed + i
+        batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
+    planned = plan(batch, output, outdir or Path("outputs"))
+    check_writable(planned[0].path.parent, "--output" if output else "--outdir")
+    jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
-    settings = dict(negative_prompt=negative_prompt, input_image=input_image, mask=mask, mask_blur=mask_blur,
-                    strength=strength, cfg_scale=cfg, sampler=sampler, karras=karras, eta=eta, steps=steps,
-                    width=width, height=height, device=device)
+    if image is not None and image.settings.model_hash is not None:
+        warn_of_another_model(from_image, image.settings, checkpoint)
     saved = 0
     try:
-        for path in render(jobs, settings, checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
         resume = f"; run the same command with --seed {seed} to make the rest" if output is None else ""
         click.echo(f"\ninterrupted: {saved} of {len(jobs)} images saved{resume}", err=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    if axes or grid:
+        click.echo(f"saved {save_grid(planned, axes)}")
 
 
-def render(jobs: list[Job], settings: dict, checkpoint: Path, device, dtype: str):
-    """Makes and saves each job's image with one model load, yielding each file once it is complete."""
+@main.command("info")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list for scripts: each image's prompts, fields as written, and the settings sd reads from them.")
+def info_command(images, as_json):
+    """Print the settings stored in images by sd, AUTOMATIC1111 or stable-diffusion.cpp (PNG, JPEG, WebP).
+
+    Exit code 1 when an image has no settings, 2 when one is not an image or holds another tool's metadata.
+    """
+    results, exit_code = [], 0
+    for path in images:
+        try:
+            results.append(describe(path))
+        except SDError as error:
+            click.echo(f"error: {error}", err=True)
+            results.append({"file": str(path), "error": str(error)})
+            exit_code = max(exit_code, error.exit_code)
+            continue
+        if not as_json:
+            click.echo(f"{path}:\n{results[-1]['infotext']}\n" if len(images) > 1 else results[-1]["infotext"])
+            if "unusable" in results[-1]:
+                click.echo(f"note: sd cannot render these settings: {results[-1]['unusable']}", err=True)
+    if as_json:
+        click.echo(json.dumps(results, indent=1, ensure_ascii=False))
+    raise SystemExit(exit_code)
+
+
+def describe(path: Path) -> dict:
+    """What `sd info --json` says of an image; `settings` is null (with the reason) when sd cannot render them."""
+    text = read_infotext_of(path)
+    prompt, negative, fields = split_infotext(text)
+    result = {"file": str(path), "infotext": text, "prompt": prompt, "negative_prompt": negative, "fields": fields}
+    try:
+        infotext = read_infotext(text)
+        return {**result, "settings": asdict(infotext.settings), "ignored": infotext.ignored}
+    except SDError as error:
+        return {**result, "settings": None, "unusable": str(error)}
+
+
+def render(jobs: list[Job], images: dict, checkpoint: Path, device, dtype: str):
+    """Makes and saves each job's image with one model load, yielding each file once it is complete. `images`:
+    generate()'s input image and mask."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
-        image, = generate(job.prompt, seed=job.seed, models=models, **settings)
+        image, = generate(job.settings, models=models, device=device, **images)
         sampling += time.perf_counter() - started
         short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
-        save_png(image, job.path, parameters(image.info["sd"], short_hash, checkpoint.stem))
+        made = replace(image.info["sd"], model_hash=short_hash, model=checkpoint.stem)
+        save_png(image, job.path, made.to_infotext())
         yield job.path
     click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
 
 
-def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+# the options that are settings, by their names in generate_command -> in Settings where they differ
+SETTINGS_NAMES = {"cfg": "cfg_scale"}
+
+
+def given(options: dict) -> dict:
+    """The options among `options` given on the command line."""
+    source = click.get_current_context().get_parameter_source
+    return {name: value for name, value in options.items() if source(name) == ParameterSource.COMMANDLINE}
+
+
+def command_settings(base: Settings, options: dict) -> Settings:
+    """`base` with the options' values: seed -1 for a random one, and unless --karras or --no-karras is given,
+    the chosen sampler's own noise levels (Karras's for dpmpp_2m)."""
+    chosen = {SETTINGS_NAMES.get(name, name): value for name, value in options.items()}
+    if chosen.get("seed") == -1:
+        chosen["seed"] = None
+    if "sampler" in chosen and chosen.get("karras") is None:
+        chosen["karras"] = karras_by_default(chosen["sampler"])
+    return replace(base, **chosen)
+
+
+def read_axis(text: str) -> Axis:
+    """An --xy axis, "cfg=3,7.5,12": a setting and its values, separated by commas (csv quoting for a comma)."""
+    name, equals, values = text.partition("=")
+    name = name.strip().lower().replace("-", "_")
+    if name not in AXES:
+        raise SDError(f"--xy {text!r}: {name!r} is not a setting an X/Y plot can vary; choose one of {', '.join(AXES)}")
+    texts = [value.strip() for value in next(csv.reader([values], skipinitialspace=True), [])] if equals else []
+    if not texts or "" in texts:
+        raise SDError(f"--xy {text!r}: give {name}'s values after '=', separated by commas, e.g. --xy \"cfg=3,7.5,12\" \"steps=10,20\"")
+    try:
+        return Axis(name, texts, [AXES[name](value) for value in texts])
+    except ValueError:
+        raise SDError(f"--xy {text!r}: each value of {name} must be {VALUE_KINDS[AXES[name]]}") from None
+
+
+def plot_settings(base: Settings, axes: list[Axis], keep_karras: bool) -> list[Settings]:
+    """The settings of every cell of an X/Y plot, row by row (Y) and column by column (X). A sampler on an axis
+    takes its own noise levels (Karras's for dpmpp_2m) unless --karras or --no-karras is given."""
+    x, y = axes
+    if x.name == y.name:
+        raise SDError(f"--xy: both axes vary {x.name}: give two different settings")
+    cells = []
+    for y_value in y.values:
+        for x_value in x.values:
+            chosen = {SETTINGS_NAMES.get(axis.name, axis.name): value for axis, value in ((x, x_value), (y, y_value))}
+            if "sampler" in chosen and "karras" not in chosen and not keep_karras:
+                chosen["karras"] = karras_by_default(chosen["sampler"])
+            try:
+                cells.append(replace(base, **chosen))
+            except SDError as error:
+                raise SDError(f"--xy: {error}") from None
+    return cells
+
+
+def save_grid(jobs: list[Job], axes: list[Axis] | None) -> Path:
+    """The batch's images in one grid-NNNN.png beside them (the first number not taken), with the first image's
+    settings; an X/Y plot's with each axis' values along its edge."""
+    images = [open_image(job.path, "the grid's image") for job in jobs]
+    if axes:
+        x, y = axes
+        rows = [images[row * len(x.values):(row + 1) * len(x.values)] for row in range(len(y.values))]
+        sheet = labelled_grid(rows, [f"{x.name}: {text}" for text in x.texts], [f"{y.name}: {text}" for text in y.texts])
+    else:
+        sheet = contact_sheet(images)
+    folder = jobs[0].path.parent
+    path = next(folder / name for number in itertools.count() if not (folder / (name := f"grid-{number:04d}.png")).exists())
+    save_png(sheet, path, read_infotext_of(jobs[0].path))
+    return path
+
+
+def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
+    """The settings of the --from image, but for the fields `options` replace; warns in one line of those sd
+    ignores: those it has no setting for, and without --input those of image-to-image."""
+    text = read_infotext_of(path)
+    try:
+        image = read_infotext(text, leave_out=[SETTINGS_NAMES.get(name, name) for name in options])
+    except SDError as error:
+        raise SDError(f"--from {path}: {error}") from None
+    unused = [] if has_input else [name for name, value in (("Denoising strength", image.settings.strength),
+                                                               ("Mask blur", image.settings.mask_blur)) if value is not None]
+    reasons = []
+    if image.ignored:
+        reasons.append(f"{', '.join(image.ignored)} (sd has no such settings)")
+    if unused:
+        reasons.append(f"{', '.join(unused)} (without --input)")
+    if reasons:
+        click.echo(f"warning: ignored from {path}: {'; '.join(reasons)}", err=True)
+    return replace(image, settings=replace(image.settings, inpainted=False))
+
+
+def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
+    short_hash = checkpoint_hash(checkpoint)
+    if made.model_hash != short_hash:
+        model = f" ({made.model})" if made.model else ""
+        click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
+                   f"{short_hash} ({checkpoint.name}): the image will differ", err=True)
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:
+    """The prompts of --prompt or --prompts-file, else `default` (the --from image's)."""
+    if prompt is None and prompts_file is None and default is not None:
+        return [default]
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either --prompt TEXT or --prompts-file FILE")
     if prompt is not None:
@@ -180,19 +374,18 @@ def open_image(path: Path, option: str) -> Image.Image:
         raise SDError(f"{option} {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
 
 
-def plan(prompts: list[str], num_images: int, seed: int, output: Path | None, outdir: Path) -> list[Job]:
-    """Every image of the batch, in order: image k of prompt j is number i = j * num_images + k, with seed + i."""
-    total = len(prompts) * num_images
+def plan(batch: list[Settings], output: Path | None, outdir: Path) -> list[Job]:
+    """The file of each image of the batch: image i (from 0) as outdir/INDEX-SEED-PROMPT.png, or --output as given
+    or numbered from 1."""
     jobs = []
-    for index in range(total):
-        prompt = prompts[index // num_images]
+    for index, settings in enumerate(batch):
         if output is None:
-            path = outdir / f"{index:05d}-{seed + index}-{slug(prompt)}.png"
-        elif total == 1:
+            path = outdir / f"{index:05d}-{settings.seed}-{slug(settings.prompt)}.png"
+        elif len(batch) == 1:
             path = output
         else:
             path = output.with_name(f"{output.stem}-{index + 1}{output.suffix}")
-        jobs.append(Job(prompt, seed + index, path))
+        jobs.append(Job(settings, path))
     return jobs
 
 
@@ -251,32 +444,6 @@ def checkpoint_hash(checkpoint: Path) -> str:
         return model_hash.short_hash(checkpoint)
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error})") from None
-
-
-def parameters(settings: dict, short_hash: str, model_name: str) -> str:
-    """The settings of an image as AUTOMATIC1111 writes them: prompt, negative prompt, then one line of fields."""
-    fields = {
-        "Steps": settings["steps"],
-        "Sampler": display_name(settings["sampler"], settings["karras"]),
-        "CFG scale": f"{settings['cfg_scale']:g}",
-        "Seed": settings["seed"],
-        "Size": f"{settings['width']}x{settings['height']}",
-        "Model hash": short_hash,
-        "Model": model_name,
-    }
-    if settings["eta"]:
-        fields["Eta"] = f"{settings['eta']:g}"
-    if settings["strength"] is not None:
-        fields["Denoising strength"] = f"{settings['strength']:g}"
-    if settings["inpainted"]:
-        fields["Inpainted"] = "yes"
-    if settings["mask_blur"] is not None:
-        fields["Mask blur"] = settings["mask_blur"]
-    lines = [settings["prompt"]]
-    if settings["negative_prompt"]:
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    lines.append(", ".join(f"{name}: {value}" for name, value in fields.items()))
-    return "\n".join(lines)
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

@@ -3,5 +3,6 @@
 from .errors import SDError
 from .model_loader import load_models
 from .pipeline import generate
+from .settings import Settings
 
-__all__ = ["SDError", "generate", "load_models"]
+__all__ = ["SDError", "Settings", "generate", "load_models"]

@@ -1,8 +1,16 @@
-"""The one exception type `sd` raises for problems the user can fix."""
+"""The exception types `sd` raises for problems the user can fix."""
 
 
 class SDError(Exception):
     """Bad input or a bad file: the message is one line naming the problem and its fix.
 
-    The CLI prints it without a traceback and exits with code 2.
+    The CLI prints it without a traceback and exits with `exit_code`.
     """
+
+    exit_code = 2  # as click's usage errors
+
+
+class NoSettingsError(SDError):
+    """An image that carries no settings at all (as opposed to settings sd cannot read)."""
+
+    exit_code = 1

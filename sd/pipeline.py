@@ -4,6 +4,7 @@ import logging
 import os
 import random
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mas
 from .layers import release_scratch, trim_heap
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
-from .samplers import SAMPLERS, KnownRegion, check_options, sample
-from .schedule import SD15, check_steps
+from .samplers import KnownRegion, sample
+from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 from .tokenizer import encode, load_clip_tokenizer
 
 log = logging.getLogger("sd")
@@ -41,16 +42,10 @@ _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
 
 
 def generate(
-    prompt: str,
-    negative_prompt: str = "",
+    prompt: str | Settings,
+    *,
     input_image: Image.Image | str | Path | None = None,
-    strength: float | None = None,
-    cfg_scale: float = 7.5,
-    sampler: str = "ddpm",
-    steps: int = 50,
-    seed: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
+    mask: Image.Image | str | Path | None = None,
     num_images: int = 1,
     models: dict[str, torch.nn.Module] | None = None,
     checkpoint: str | Path | None = None,
@@ -59,29 +54,30 @@ def generate(
     dtype: torch.dtype | str | None = None,
     latents: torch.Tensor | None = None,
     progress: bool = True,
-    karras: bool = False,
-    eta: float = 0.0,
-    mask: Image.Image | str | Path | None = None,
-    mask_blur: int = 4,
+    **settings,
 ) -> list[Image.Image]:
-    """Renders `num_images` images of `prompt`; with `input_image`, redraws that image (image-to-image); with a
-    `mask` too, only the mask's white part (inpainting, see sd/inpaint.py). `strength` defaults to 0.8, or to 1.0
-    when an inpainting checkpoint repaints a mask. With an ordinary checkpoint the original pixels are pasted back
-    outside the mask, over an edge feathered by a Gaussian blur of radius `mask_blur` pixels.
+    """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
+    (`generate("a cat", steps=20, seed=1)`; with a Settings, such fields override its own). With `input_image`,
+    redraws that image (image-to-image); with a `mask` too, only the mask's white part (inpainting, see
+    sd/inpaint.py). `strength` defaults to 0.8, or to 1.0 when an inpainting checkpoint repaints a mask. With an
+    ordinary checkpoint the original pixels are pasted back outside the mask, over an edge feathered by a
+    Gaussian blur of radius `mask_blur` pixels.
 
     `width` and `height` default to the size the model was trained at (512 for SD 1.5, 64 for the demo model). With
     neither `models` nor `checkpoint`, the checkpoint is default_checkpoint(). Each image's `info["sd"]` holds the
-    settings that made it, the seed included.
+    Settings that made it, with the seed, the size and the strength it got.
     """
-    check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras, eta, mask_blur)
+    settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
+    if num_images < 1:
+        raise SDError(f"the number of images must be at least 1, got {num_images}")
     check_mask_has_image(mask, input_image)
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
-    if models is None and (width is None or height is None):
+    if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
-    width, height = image_dimensions(width, height, models, checkpoint)
+    width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
@@ -90,12 +86,14 @@ def generate(
     stored = next(models["diffusion"].parameters()).dtype
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
+    strength = settings.strength
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
     original = fit_image(source, width, height) if source is not None else None
     image = to_tensor(original) if original is not None else None
+    seed = settings.seed
     if seed is None:
-        seed = random.randrange(2**32)
+        seed = random.randrange(MAX_SEED + 1)
         log.info("seed: %d", seed)
     # Noise is drawn on the CPU, so a seed gives the same picture on every device.
     generator = torch.Generator().manual_seed(seed)
@@ -111,8 +109,9 @@ def generate(
     needs_image_latents = image is not None and (known_region or not pure_noise_start)
 
     with torch.inference_mode():
+        cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
-        prompts = [negative_prompt] * num_images * guided + [prompt] * num_images
+        prompts = [settings.negative_prompt] * num_images * guided + [settings.prompt] * num_images
         tokens = encode(prompts)
         warn_unknown_words(models["clip"], tokens)
         with on_device(models["clip"], device, idle_device) as clip:
@@ -141,22 +140,21 @@ def generate(
                 return uncond + cfg_scale * (cond - uncond)
 
             start_latents = None if pure_noise_start else image_latents
-            x = sample(sampler, predict_noise, noise, steps, generator, start_latents, strength, progress, karras=karras, eta=eta, known=known)
+            x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
+                       karras=settings.karras, eta=settings.eta, known=known)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
             pixels = decoder(x.to(vae)).float()
 
     images = [to_pil(p) for p in pixels]
+    mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
     if known is not None:
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
-    settings = dict(
-        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, eta=eta,
-        cfg_scale=cfg_scale, seed=seed, width=width, height=height, strength=strength if image is not None else None,
-        inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
-    )
+    made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
+                   inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None)
     for output in images:
-        output.info["sd"] = settings
+        output.info["sd"] = made
     return images
 
 
@@ -185,26 +183,6 @@ def inpainting_conditioning(encoder: torch.nn.Module, image: torch.Tensor | None
     masked_latents = encode_image(encoder, pixels, generator, latent_shape, device, dtype)  # (B, 4, h, w)
     mask = conditioning_mask(repaint, (height, width)).to(device).expand(batch, -1, -1, -1)  # (B, 1, h, w)
     return torch.cat([mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
-
-
-def check_settings(strength, cfg_scale, sampler, steps, width, height, num_images, karras=False, eta=0.0, mask_blur=4) -> None:
-    """Refuses settings that cannot work, before any model runs; strength None stands for its default."""
-    if strength is not None and not 0 < strength <= 1:
-        raise SDError(f"strength must be in (0, 1], got {strength}: 1 redraws the image completely, small values keep it")
-    if cfg_scale < 0:
-        raise SDError(f"cfg scale must be 0 or more, got {cfg_scale}: 7.5 is usual, 1 turns guidance off")
-    if sampler not in SAMPLERS:
-        raise SDError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    check_options(sampler, karras, eta)
-    check_steps(steps, SD15.num_training_steps)
-    for name, size in (("width", width), ("height", height)):
-        if size is not None and (size < 64 or size % LATENT_FACTOR):
-            fit = max(64, size - size % LATENT_FACTOR)
-            raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
-    if num_images < 1:
-        raise SDError(f"the number of images must be at least 1, got {num_images}")
-    if mask_blur < 0:
-        raise SDError(f"mask blur must be 0 or more pixels, got {mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

@@ -67,6 +67,8 @@ class SigmaSampler:
     # start; else at sigma^2, leaving out x0's, as its Euler-type schedulers and k-diffusion start
     unit_variance_start: bool = False
     stochastic: bool = False  # draws fresh noise as it goes
+    # A1111's "Automatic" schedule type for the sampler (since its 1.9), and what the command uses unless told
+    karras_by_default: bool = False
 
     def __call__(self, predict_noise, noise, schedule, image_latents, known=None, **options) -> torch.Tensor:
         sigma = schedule.sigmas[0]
@@ -87,7 +89,7 @@ SAMPLERS = {
     "euler": SigmaSampler(sample_euler, "Euler", euler_schedule),
     "euler_a": SigmaSampler(sample_euler_ancestral, "Euler a", euler_schedule, stochastic=True),
     "heun": SigmaSampler(sample_heun, "Heun", euler_schedule),
-    "dpmpp_2m": SigmaSampler(sample_dpmpp_2m, "DPM++ 2M", dpm_solver_schedule, unit_variance_start=True),
+    "dpmpp_2m": SigmaSampler(sample_dpmpp_2m, "DPM++ 2M", dpm_solver_schedule, unit_variance_start=True, karras_by_default=True),
     "unipc": SigmaSampler(sample_unipc, "UniPC", dpm_solver_schedule, unit_variance_start=True),
 }
 
@@ -95,6 +97,12 @@ SAMPLERS = {
 def display_name(name: str, karras: bool) -> str:
     """The sampler's name as AUTOMATIC1111 writes it in PNG metadata, e.g. "DPM++ 2M Karras"."""
     return SAMPLERS[name].a1111_name + " Karras" * karras
+
+
+def karras_by_default(name: str) -> bool:
+    """Whether the sampler uses Karras's noise levels when nobody says: A1111's "Automatic" schedule. False for a
+    name that is no sampler's, which Settings then refuses."""
+    return getattr(SAMPLERS.get(name), "karras_by_default", False)
 
 
 def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0, known: KnownRegion | None = None) -> torch.Tensor:

@@ -99,7 +99,7 @@ def assert_clean_failure(result, expected: str):
         (["--prompt", "x", "--steps", "1000"], "error: steps must be between 1 and 999, got 1000"),
         (["--prompt", "x", "--sampler", "pndm", "--karras"], "error: karras sigmas need a sampler that walks noise levels"),
         (["--prompt", "x", "--sampler", "euler", "--eta", "0.3"], "error: eta applies to the ddim sampler only"),
-        (["--prompt", "x", "--seed", "-1"], "'--seed': -1 is not in the range"),
+        (["--prompt", "x", "--seed", "-2"], "'--seed': -2 is not in the range"),
         (["--prompt", "x", "--output", "a.png", "--outdir", "b"], "give --output FILE or --outdir DIR, not both"),
         (["--prompt", "x", "--output", "a.jpg"], "a.jpg must end in .png"),
         (["--prompt", "x", "--input", "prompts.txt"], "error: --input prompts.txt is not an image"),
@@ -178,7 +178,7 @@ def test_the_installed_script_fails_cleanly(tmp_path):
 
 
 def test_generate_writes_a_png_with_its_settings(safetensors_checkpoint, checkpoint_sha256, cache_dir, monkeypatch):
-    args = ["--prompt", "a photo of a cat", "--negative-prompt", "blurry", "--seed", 42, "--checkpoint", safetensors_checkpoint, *SMALL]
+    args = ["--prompt", "a photo of a cat", "--negative-prompt", "blurry", "--seed", 42, "--sampler", "ddpm", "--checkpoint", safetensors_checkpoint, *SMALL]
     result = sd(*args, "--output", "cat.png")
     assert result.exit_code == 0, result.output
     assert "saved cat.png" in result.stdout
@@ -283,6 +283,32 @@ def test_the_installed_script_stops_on_ctrl_c_and_resumes(safetensors_checkpoint
     result = sd("--prompt", "a blue plum", "--seed", 102, "--cfg", 1, "--output", "plum.png", "--checkpoint", safetensors_checkpoint, *SMALL)
     assert result.exit_code == 0, result.output
     assert np.array_equal(pixels(tmp_path / "plum.png"), pixels(tmp_path / "outputs" / "00002-102-a-blue-plum.png"))
+
+
+@pytest.mark.parametrize(
+    "args, fields",
+    [
+        ([], "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5"),  # AUTOMATIC1111's defaults
+        (["--sampler", "ddpm", "--steps", 50], "Steps: 50, Sampler: DDPM, CFG scale: 7.5"),
+        (["--sampler", "euler"], "Steps: 20, Sampler: Euler, CFG scale: 7.5"),
+        (["--no-karras"], "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5"),
+        (["--sampler", "heun", "--karras", "--steps", 3], "Steps: 3, Sampler: Heun Karras, CFG scale: 7.5"),
+    ],
+)
+def test_default_sampler_and_steps_are_automatic1111s(args, fields):
+    result = sd("--prompt", "a red circle on the left", "--seed", 1, "--checkpoint", "demo", "--output", "out.png", *args)
+    assert result.exit_code == 0, result.output
+    assert f"\n{fields}, Seed: 1, Size: 64x64, " in Image.open("out.png").text["parameters"]
+
+
+def test_seed_minus_one_is_a_random_seed_written_to_the_image():
+    seeds = []
+    for name in ("a.png", "b.png"):
+        result = sd("--prompt", "a red circle on the left", "--seed", -1, "--steps", 2, "--checkpoint", "demo", "--output", name)
+        assert result.exit_code == 0, result.output
+        seeds.append(int(result.stderr.split("seed: ", 1)[1].split()[0]))
+        assert read_parameters(Path(name))["Seed"] == str(seeds[-1])
+    assert seeds[0] != seeds[1]  # two draws from 2**32 seeds
 
 
 def test_model_hash_is_cached_until_the_file_changes(tmp_path, monkeypatch):

@@ -267,7 +267,7 @@ def test_inpainting_checkpoint_matches_diffusers(inpainting_models, reference_co
         **PROMPT, input_image=image, mask=mask, strength=strength, sampler=name, steps=3, cfg_scale=7.5, seed=5, latents=latents,
         models=inpainting_models, **SMALL,
     )
-    assert actual.info["sd"]["strength"] == (strength or 1.0)  # 1 unless given, for an inpainting checkpoint
+    assert actual.info["sd"].strength == (strength or 1.0)  # 1 unless given, for an inpainting checkpoint
     assert_same_image(actual, expected, f"{name} inpainting checkpoint{' from latents' * given_latents}")
 
 
@@ -300,8 +300,8 @@ def latents_seen(ordinary_models):
 def test_ordinary_checkpoint_keeps_the_image_outside_the_mask(ordinary_models, latents_seen, name, mask_blur, strength):
     image, mask = photo(), disc_mask(64)
     output, = generate("a red apple", input_image=image, mask=mask, mask_blur=mask_blur, strength=strength, sampler=name, steps=2, seed=3, models=ordinary_models, **SMALL)
-    assert output.info["sd"]["strength"] == (strength or 0.8)
-    assert output.info["sd"]["inpainted"] and output.info["sd"]["mask_blur"] == mask_blur
+    assert output.info["sd"].strength == (strength or 0.8)
+    assert output.info["sd"].inpainted and output.info["sd"].mask_blur == mask_blur
 
     # the latents: every cell without a white pixel ends as the image's own, exactly
     white = np.asarray(mask.convert("L")) >= 128

@@ -33,7 +33,7 @@ def test_text_to_image_is_reproducible_per_seed(models, unet_calls):
     assert np.abs(pixels(first[0]) - pixels(other[0])).max() > 10
     # Guidance: one U-Net call per step, with the unconditional and conditional halves batched.
     assert unet_calls == [2] * 6
-    assert first[0].info["sd"]["seed"] == 7
+    assert first[0].info["sd"].seed == 7
 
 
 def test_guidance_off_makes_one_unguided_call_per_step(models, unet_calls):
@@ -50,7 +50,7 @@ def test_image_to_image_runs_the_strength_share_of_steps(models, unet_calls):
     assert np.array_equal(pixels(images[0]), pixels(again[0]))
     # The two images of a batch get different noise.
     assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 10
-    assert images[0].info["sd"]["strength"] == 0.5
+    assert images[0].info["sd"].strength == 0.5
 
 
 def test_tiny_strength_still_runs_one_step(models, unet_calls, tmp_path):

@@ -1,0 +1,258 @@
+"""The settings of one render: their defaults, their checks, and AUTOMATIC1111's text form of them.
+
+A1111 ("A1111") stores an image's settings as text, the "infotext", in a PNG's `parameters` chunk (in a JPEG's
+or WebP's EXIF UserComment):
+
+    the prompt, on as many lines as it has
+    Negative prompt: the negative prompt, on as many lines as it has (no such line when it is empty)
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, Model: ...
+
+Fields are `Name: value` joined by ", ", in A1111's order, those without a value left out; a value holding a
+comma, a colon or a newline is written as a JSON string. The reader also takes what A1111 1.9+ writes (the
+schedule apart, "Sampler: DPM++ 2M, Schedule type: Karras") and what stable-diffusion.cpp writes (its own
+sampler names, floats as 7.000000).
+
+Adding a setting means a field below, its check in __post_init__, and its infotext name in to_infotext(),
+FIELD_READERS and INFOTEXT_NAMES.
+"""
+
+import json
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .errors import SDError
+from .model_loader import LATENT_FACTOR
+from .samplers import SAMPLERS, check_options, display_name, karras_by_default
+from .schedule import SD15, check_steps
+
+MAX_SEED = 2**32 - 1
+DEFAULT_MASK_BLUR = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a render; made only valid (each problem is one SDError naming its fix)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 50
+    sampler: str = "ddpm"  # a key of sd.samplers.SAMPLERS
+    karras: bool = False  # Karras et al.'s noise levels, for the samplers that walk noise levels
+    cfg_scale: float = 7.5
+    seed: int | None = None  # None: a random one, recorded with the image
+    width: int | None = None  # None: the size the model was trained at
+    height: int | None = None
+    strength: float | None = None  # image-to-image; None: 0.8, or 1 when an inpainting checkpoint repaints a mask
+    eta: float = 0.0  # ddim only
+    mask_blur: int | None = None  # inpainting with an ordinary checkpoint; None: DEFAULT_MASK_BLUR
+    # recorded with an image, not chosen: a mask repainted part of the input; the checkpoint
+    inpainted: bool = False
+    model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
+    model: str | None = None  # the checkpoint's file name without its extension
+
+    def __post_init__(self):
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise SDError(f"strength must be in (0, 1], got {self.strength}: 1 redraws the image completely, small values keep it")
+        if self.cfg_scale < 0:
+            raise SDError(f"cfg scale must be 0 or more, got {self.cfg_scale}: 7.5 is usual, 1 turns guidance off")
+        if self.sampler not in SAMPLERS:
+            raise SDError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        check_options(self.sampler, self.karras, self.eta)
+        check_steps(self.steps, SD15.num_training_steps)
+        for name, size in (("width", self.width), ("height", self.height)):
+            if size is not None and (size < 64 or size % LATENT_FACTOR):
+                fit = max(64, size - size % LATENT_FACTOR)
+                raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise SDError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}: or leave it out for a random one")
+        if self.mask_blur is not None and self.mask_blur < 0:
+            raise SDError(f"mask blur must be 0 or more pixels, got {self.mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
+
+    def to_infotext(self) -> str:
+        """The settings as A1111 writes them into an image (see the module's docstring)."""
+        line = {
+            "Steps": self.steps,
+            "Sampler": display_name(self.sampler, self.karras),
+            "CFG scale": number(self.cfg_scale),
+            "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}" if self.width and self.height else None,
+            "Model hash": self.model_hash,
+            "Model": self.model,
+            "Denoising strength": number(self.strength),
+            # A1111's extra fields, after its fixed ones, in the order it adds them
+            "Mask blur": self.mask_blur,
+            "Inpainted": "yes" if self.inpainted else None,
+            "Eta DDIM": number(self.eta) if self.eta else None,
+        }
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"{NEGATIVE} {self.negative_prompt}")
+        lines.append(", ".join(f"{name}: {quote(value)}" for name, value in line.items() if value is not None))
+        return "\n".join(lines)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> "Settings":
+        """The settings of an infotext; fields sd does not implement are left out (read_infotext() names them)."""
+        return read_infotext(text).settings
+
+
+@dataclass(frozen=True)
+class Infotext:
+    """An infotext taken apart: the prompts, every field as written, and the settings sd reads from them."""
+
+    prompt: str
+    negative_prompt: str
+    fields: dict[str, str]
+    settings: Settings
+    ignored: list[str]  # the fields sd has no setting for, in their order
+
+
+def number(value: float | None) -> str | None:
+    """A float as A1111 shows one: 7 rather than 7.0, else the shortest text that reads back the same."""
+    if value is None:
+        return None
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(mark in text for mark in ",:\n") else text
+
+
+def unquote(value: str) -> str:
+    try:
+        return json.loads(value) if value.startswith('"') else value
+    except ValueError:  # not JSON after all: the text as written
+        return value
+
+
+# one field of the last line: a name, a colon, and the value up to the next comma or a JSON string
+FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+NEGATIVE = "Negative prompt:"
+
+
+def split_fields(line: str) -> dict[str, str] | None:
+    """The fields of an infotext's last line, or None when the line is not a list of fields (a prompt)."""
+    found, position = {}, 0
+    while position < len(line):
+        match = FIELD.match(line, position)
+        if match is None or match.end() == position:
+            return None
+        name, value = match[1].strip(), match[2].strip()
+        found[name] = unquote(value)
+        position = match.end()
+    return found if "Steps" in found else None
+
+
+def split_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """An A1111 infotext's prompt, negative prompt and fields (as written); SDError when it has no fields line."""
+    lines = text.strip("\n").split("\n")
+    fields_found = split_fields(lines[-1])
+    if fields_found is None:
+        raise SDError("the settings text has no line of fields (Steps: ..., Sampler: ...): it was not written by A1111 or sd")
+    prompt, negative = [], None
+    for line in lines[:-1]:
+        if negative is None and line.startswith(NEGATIVE):
+            negative = [line.removeprefix(NEGATIVE).removeprefix(" ")]
+        elif negative is not None:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    return "\n".join(prompt), "\n".join(negative or []), fields_found
+
+
+def read_infotext(text: str, leave_out: Collection[str] = ()) -> Infotext:
+    """Takes an A1111 infotext apart into Settings; a field sd reads but whose value it cannot use is an SDError.
+    The fields of the settings named in `leave_out` (those the caller sets itself) are not read."""
+    prompt, negative, written = split_infotext(text)
+    unread = {name for setting in leave_out for name in INFOTEXT_NAMES.get(setting, ())}
+    if {"width", "height"} <= set(leave_out):
+        unread.add("Size")
+    fields_found = {name: value for name, value in written.items() if name not in unread}
+    values, ignored = {"prompt": prompt, "negative_prompt": negative}, []
+    for name, value in fields_found.items():
+        if name in FIELD_READERS:
+            values.update(FIELD_READERS[name](name, value))
+        elif name not in READ_APART | NOT_SETTINGS and (name, value) not in SAME_AS_OURS:
+            ignored.append(name)
+    values.update(sampler_settings(fields_found.get("Sampler"), fields_found.get("Schedule type")))
+    if "Eta" in fields_found:  # A1111 writes it for the ancestral samplers' eta; sd did for DDIM's
+        if values.get("sampler") == "ddim":
+            values["eta"] = decimal("Eta", fields_found["Eta"])
+        else:
+            ignored.append("Eta")
+    return Infotext(prompt, negative, written, Settings(**values), ignored)
+
+
+def whole_number(name: str, value: str) -> int:
+    """An integer, also as stable-diffusion.cpp writes some: 20.000000."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer():
+        raise SDError(f"{name}: {value!r} in the image's settings is not a whole number")
+    return int(number)
+
+
+def decimal(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise SDError(f"{name}: {value!r} in the image's settings is not a number") from None
+
+
+def size(name: str, value: str) -> dict[str, int]:
+    match = re.fullmatch(r"\s*(\S+)\s*x\s*(\S+)\s*", value)
+    if match is None:
+        raise SDError(f"{name}: {value!r} in the image's settings is not WIDTHxHEIGHT")
+    return {"width": whole_number(name, match[1]), "height": whole_number(name, match[2])}
+
+
+def sampler_settings(name: str | None, schedule: str | None) -> dict:
+    """`sampler` and `karras` from A1111's sampler name ("DPM++ 2M Karras", "Euler a", "UniPC"), its 1.9+
+    `Schedule type` ("Karras", "Automatic"), or one of our own or stable-diffusion.cpp's ("dpmpp_2m", "dpm++2m")."""
+    if name is None:
+        return {}
+    plain = re.sub(r"\s+karras$", "", name.strip(), flags=re.IGNORECASE)
+    key = SAMPLER_NAMES.get(normalized(plain))
+    if key is None:
+        names = ", ".join(sampler.a1111_name for sampler in SAMPLERS.values())
+        raise SDError(f"the image's sampler {name!r} is not one sd has: it has {names} (and their Karras forms), or give --sampler")
+    if plain != name.strip():
+        return {"sampler": key, "karras": True}
+    if schedule is None:  # older A1111 and sd name the Karras schedule in the sampler's name
+        return {"sampler": key, "karras": False}
+    if schedule.lower() not in ("karras", "automatic"):
+        raise SDError(f"the image's schedule type {schedule!r} is not one sd has: Karras or Automatic (each sampler's own)")
+    return {"sampler": key, "karras": schedule.lower() == "karras" or karras_by_default(key)}
+
+
+def normalized(name: str) -> str:
+    """A sampler's name with case, spaces, underscores and "k_" left out, "++" as "pp": dpmpp2m, eulera."""
+    return re.sub(r"[\s_]", "", name.lower().removeprefix("k_").replace("++", "pp"))
+
+
+SAMPLER_NAMES = {normalized(spelling): key for key, sampler in SAMPLERS.items() for spelling in (key, sampler.a1111_name)}
+
+FIELD_READERS = {
+    "Steps": lambda name, value: {"steps": whole_number(name, value)},
+    "CFG scale": lambda name, value: {"cfg_scale": decimal(name, value)},
+    "Seed": lambda name, value: {"seed": whole_number(name, value)},
+    "Size": size,
+    "Model hash": lambda name, value: {"model_hash": value},
+    "Model": lambda name, value: {"model": value},
+    "Denoising strength": lambda name, value: {"strength": decimal(name, value)},
+    "Mask blur": lambda name, value: {"mask_blur": whole_number(name, value)},
+    "Inpainted": lambda name, value: {"inpainted": value == "yes"},
+    "Eta DDIM": lambda name, value: {"eta": decimal(name, value)},
+}
+# the infotext fields each setting is read from (width and height: from Size, the two together)
+INFOTEXT_NAMES = {
+    "steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "cfg_scale": ("CFG scale",), "seed": ("Seed",),
+    "strength": ("Denoising strength",), "mask_blur": ("Mask blur",), "eta": ("Eta DDIM", "Eta"),
+}
+READ_APART = {"Sampler", "Schedule type", "Eta"}  # they depend on each other
+NOT_SETTINGS = {"Version", "User"}  # about the program or its user, not the image
+SAME_AS_OURS = {("Clip skip", "1"), ("RNG", "CPU")}  # what sd does anyway: no layer skipped, noise drawn on the CPU
