@@ -29,7 +29,7 @@ test: $(VENV)/test-tools
 bench: $(VENV)/test-tools
 	$(BIN)/python benchmarks/benchmark.py $(ARGS)
 
-# Trains the built-in demo model from scratch (16 minutes on 2 CPU cores of an AMD Zen 5) into data/sd-demo.safetensors;
+# Trains the built-in demo model from scratch (about 42 minutes on 2 CPU cores of an Intel Xeon, Ice Lake class) into data/sd-demo.safetensors;
 # a stopped run resumes from build/demo-training/.
 demo-model: $(BIN)/sd
 	$(BIN)/python -m sd.training.train $(ARGS)

@@ -38,3 +38,11 @@ def models(safetensors_checkpoint):
     yield loaded
     del loaded
     gc.collect()
+
+
+@pytest.fixture
+def command_environment(monkeypatch, tmp_path):
+    """The command run in a temporary folder, offline, with its own hash cache."""
+    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)

@@ -21,7 +21,7 @@ from sd.diffusion import UNetConfig
 from sd.pipeline import DEFAULT_CHECKPOINTS, DEMO_CHECKPOINT
 from sd.clip import CLIPConfig
 from sd.training import train as training
-from sd.training.evaluate import accuracy, render_all
+from sd.training.evaluate import COMMAND_DEFAULTS, accuracy, render_all
 from sd.training.world import HELD_OUT, Reading, Scene, combinations, random_batch, read_image
 from sd.vae import VAEConfig
 
@@ -69,7 +69,7 @@ TINY = training.TrainingConfig(
                     context_width=32, num_groups=8, sample_size=8),
     vae=VAEConfig(base_width=8, width_multipliers=(1, 1, 1, 1), blocks_per_level=1, num_groups=4),
     clip=CLIPConfig(width=32, num_layers=1, num_heads=2),
-    vae_steps=40, vae_batch=4, unet_steps=40, unet_batch=8, warmup_steps=5, save_every=10,
+    vae_steps=40, vae_batch=4, unet_steps=40, unet_batch=8, latent_bank=64, warmup_steps=5, save_every=10,
 )
 
 
@@ -115,7 +115,7 @@ def test_a_run_with_other_settings_is_not_resumed(tmp_path):
 # The shipped model's real outputs
 
 
-UNDER_TRAINED = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the shipped demo model is under-trained (16 min run; make eval-demo at CFG 7.5: colour 34%, shape 32%, position 50%); issue 16 stays open")
+UNDER_TRAINED = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the shipped demo model does not yet meet issue 16's targets (make eval-demo at CFG 7.5, trained: colour 95%, shape 60%, position 75%: left and right, not yet top and bottom)")
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +124,15 @@ def demo():
     return load_models(DEMO_CHECKPOINT)
 
 
-@UNDER_TRAINED
-@pytest.mark.parametrize("scene, other_position", [(Scene("red", "circle", "left"), "right"), (Scene("blue", "square", "top"), "bottom")])
+@pytest.mark.parametrize("scene, other_position", [
+    (Scene("red", "circle", "left"), "right"),
+    pytest.param(Scene("blue", "square", "top"), "bottom", marks=UNDER_TRAINED),
+])
 def test_colour_and_position_follow_the_prompt(demo, scene, other_position):
     """Four seeds; the control is the same seeds with the other position, so the noise cannot be what places it."""
     moved = dataclasses.replace(scene, position=other_position)
     for wanted in (scene, moved):
-        images = generate(wanted.caption(), models=demo, seed=3, num_images=4, progress=False)
+        images = generate(wanted.caption(), models=demo, seed=3, num_images=4, progress=False, **COMMAND_DEFAULTS)
         readings = [reading(image) for image in images]
         assert [(r.colour, r.position) for r in readings] == [(wanted.colour, wanted.position)] * 4, wanted.caption()
 
@@ -140,8 +142,8 @@ def test_image_to_image_keeps_the_input_at_low_strength_and_follows_the_prompt_a
     source = example("blue-square.png")
     assert reading(source) == Reading("blue", "square", "left")
     prompt = Scene("yellow", "triangle", "right").caption()
-    kept = generate(prompt, models=demo, input_image=source, strength=0.3, seed=5, num_images=2, progress=False)
-    redrawn = generate(prompt, models=demo, input_image=source, strength=1.0, seed=5, num_images=2, progress=False)
+    kept = generate(prompt, models=demo, input_image=source, strength=0.3, seed=5, num_images=2, progress=False, **COMMAND_DEFAULTS)
+    redrawn = generate(prompt, models=demo, input_image=source, strength=1.0, seed=5, num_images=2, progress=False, **COMMAND_DEFAULTS)
     for image in kept:
         assert (reading(image).colour, reading(image).shape, reading(image).position) == ("blue", "square", "left")
     for image in redrawn:
@@ -153,7 +155,8 @@ def test_inpainting_recolours_the_masked_object_and_nothing_else(demo):
     source, mask = example("blue-square.png"), example("blue-square-mask.png")
     assert np.asarray(mask)[16:48, 2:36].all() and np.asarray(mask).sum() == 255 * 32 * 34  # the box around the square
     for colour in ("yellow", "blue"):  # "blue" is the control: the same repaint keeps the colour asked for
-        image, = generate(f"a {colour} square on the left", models=demo, input_image=source, mask=mask, strength=1.0, seed=7, progress=False)
+        image, = generate(f"a {colour} square on the left", models=demo, input_image=source, mask=mask, strength=1.0, seed=7, progress=False,
+                          **COMMAND_DEFAULTS)
         inside = np.asarray(image)[16:48, 2:36]
         assert read_image(np.pad(inside, ((4, 4), (4, 4), (0, 0)), constant_values=255)).colour == colour
         outside = np.ones((64, 64), bool)
@@ -163,7 +166,7 @@ def test_inpainting_recolours_the_masked_object_and_nothing_else(demo):
 
 @UNDER_TRAINED
 def test_guidance_makes_the_images_follow_the_prompt(demo):
-    renders = render_all(demo, (7.5, 1.0), images_per_caption=1, seed=11, steps=20)
+    renders = render_all(demo, (7.5, 1.0), images_per_caption=1, seed=11, **COMMAND_DEFAULTS)
     guided = accuracy([r for r in renders if r.cfg == 7.5])["all three"]
     unguided = accuracy([r for r in renders if r.cfg == 1.0])["all three"]
     assert guided >= 90 and guided > unguided + 10, (guided, unguided)

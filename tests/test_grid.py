@@ -14,11 +14,7 @@ from sd.grid import grid_rows
 PROMPT = ["--prompt", "a red circle on the left", "--seed", 3, "--checkpoint", "demo"]
 
 
-@pytest.fixture(autouse=True)
-def environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("command_environment")
 
 
 def sd(*args):

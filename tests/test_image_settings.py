@@ -26,11 +26,7 @@ A1111 = (
 DEMO = ["--checkpoint", "demo", "--steps", "3"]
 
 
-@pytest.fixture(autouse=True)
-def environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("command_environment")
 
 
 def sd(*args):

@@ -1,6 +1,7 @@
 """Judges the demo model by rules: renders every colour/shape/position caption (trained and held-out) with
-several seeds, reads colour, shape and position back off each image (world.read_image) and prints how often
-each is right, with CFG 7.5 and with CFG 1. Writes a labelled grid and the figures as JSON.
+several seeds and the command's default sampler, reads colour, shape and position back off each image
+(world.read_image) and prints how often each is right, with CFG 7.5 and with CFG 1. Writes a labelled grid and
+the figures as JSON.
 
 `python -m sd.training.evaluate` (or `make eval-demo`).
 """
@@ -20,6 +21,8 @@ from ..pipeline import DEMO_CHECKPOINT, generate
 from .world import COLOURS, POSITIONS, SHAPES, Reading, Scene, combinations, read_image
 
 ATTRIBUTES = ("colour", "shape", "position")
+# what `sd generate` renders with unless told otherwise (cli.py: AUTOMATIC1111's DPM++ 2M Karras, 20 steps)
+COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
 GRID_SCALE = 2  # each 64x64 image drawn at 128x128
 LABEL_WIDTH = 190
 
@@ -119,7 +122,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("outputs/eval-demo.json"))
     args = parser.parse_args()
     models = load_models(args.checkpoint)
-    renders = render_all(models, (7.5, 1.0), args.images, args.seed)
+    renders = render_all(models, (7.5, 1.0), args.images, args.seed, **COMMAND_DEFAULTS)
     figures = report(renders)
     print_table(figures)
     for path in (args.grid, args.json):

@@ -84,6 +84,35 @@ def random_batch(size: int, generator: torch.Generator, image_size: int = 64) ->
 
 def draw(scenes: list[Scene], generator: torch.Generator, image_size: int = 64) -> torch.Tensor:
     """Images (B, 3, S, S) in [-1, 1] of the scenes, each object's size and place jittered by `generator`."""
+    background = torch.tensor([BACKGROUNDS[scene.background] for scene in scenes], dtype=torch.float32)[:, :, None, None]
+    return paint(background.expand(-1, -1, image_size, image_size), scenes, coverage(scenes, generator, image_size)) / 127.5 - 1
+
+
+def random_vae_batch(size: int, generator: torch.Generator, image_size: int = 64, objects: int = len(POSITIONS)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, S, S) in [-1, 1] for the VAE, each with one to `objects` shapes of the trained combinations
+    in different places on one background, and the share of each pixel that the shapes cover (B, 1, S, S).
+
+    The VAE has no captions to follow: several objects an image give it more edges and colours to learn from
+    at the same cost.
+    """
+    pairs = [(colour, shape) for colour, shape, position in combinations(False) if position == POSITIONS[0]]
+    backgrounds = [list(BACKGROUNDS)[k] for k in torch.randint(len(BACKGROUNDS), (size,), generator=generator).tolist()]
+    places = torch.rand(size, len(POSITIONS), generator=generator).argsort(dim=1).tolist()  # each object its own place
+    canvas = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=torch.float32)[:, :, None, None]
+    canvas = canvas.expand(-1, -1, image_size, image_size)
+    covered = torch.zeros(size, 1, image_size, image_size)
+    for number in range(objects):
+        picks = torch.randint(len(pairs), (size,), generator=generator).tolist()
+        scenes = [Scene(*pairs[k], POSITIONS[place[number]], background) for k, place, background in zip(picks, places, backgrounds)]
+        present = (torch.rand(size, generator=generator) < 0.5) | (number == 0)  # the first always, the others half the time
+        shapes = coverage(scenes, generator, image_size) * present[:, None, None, None]
+        canvas = paint(canvas, scenes, shapes)  # over what is there
+        covered = torch.maximum(covered, shapes)
+    return canvas / 127.5 - 1, covered
+
+
+def coverage(scenes: list[Scene], generator: torch.Generator, image_size: int) -> torch.Tensor:
+    """The share (B, 1, S, S) of each pixel that each scene's object covers, its size and place jittered."""
     batch = len(scenes)
     centres = torch.tensor([CENTRES[scene.position] for scene in scenes])  # (B, 2) as (x, y)
     centres = centres + (torch.rand(batch, 2, generator=generator) * 2 - 1) * JITTER
@@ -94,12 +123,14 @@ def draw(scenes: list[Scene], generator: torch.Generator, image_size: int = 64) 
     x = (axis[None, None, :] - centres[:, 0, None, None]) / radii[:, None, None]
     y = (axis[None, :, None] - centres[:, 1, None, None]) / radii[:, None, None]
     inside = torch.stack([inside_shape(scene.shape, x[i], y[i]) for i, scene in enumerate(scenes)])
-    # (B, 4S, 4S) -> (B, 1, S, S): the share of each pixel the shape covers
-    coverage = F.avg_pool2d(inside[:, None].float(), SUPERSAMPLING)
+    # (B, 4S, 4S) -> (B, 1, S, S)
+    return F.avg_pool2d(inside[:, None].float(), SUPERSAMPLING)
+
+
+def paint(canvas: torch.Tensor, scenes: list[Scene], shapes: torch.Tensor) -> torch.Tensor:
+    """The canvas (B, 3, S, S) in [0, 255] with each scene's colour laid over it where `shapes` covers it."""
     colour = torch.tensor([COLOURS[scene.colour] for scene in scenes], dtype=torch.float32)[:, :, None, None]
-    background = torch.tensor([BACKGROUNDS[scene.background] for scene in scenes], dtype=torch.float32)[:, :, None, None]
-    # (B, 3, S, S) in [0, 255] -> [-1, 1]
-    return (background + (colour - background) * coverage) / 127.5 - 1
+    return canvas + (colour - canvas) * shapes
 
 
 def inside_shape(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
