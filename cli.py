@@ -23,7 +23,7 @@ from sd.metadata import read_infotext_of
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
-from sd.settings import MAX_SEED, Infotext, Settings, read_infotext, split_infotext
+from sd.settings import COMMAND_DEFAULTS, MAX_SEED, Infotext, Settings, read_infotext, split_infotext
 
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
@@ -94,11 +94,11 @@ class Job:
 @click.option("--negative-prompt", default="", help="What to steer away from (for every prompt).")
 @click.option("--cfg", type=click.FloatRange(min=0), default=7.5, show_default=True,
               help="Classifier-free guidance scale: how closely to follow the prompt; 1 turns guidance off.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=COMMAND_DEFAULTS["steps"], show_default=True, help="Denoising steps.")
 @click.option("--seed", type=click.IntRange(-1, MAX_SEED),
               help="Seed of the first image; image i of the batch (counting every image of every prompt, from 0) "
                    "uses seed + i. Default, or -1: a random seed, printed.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="dpmpp_2m", show_default=True,
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=COMMAND_DEFAULTS["sampler"], show_default=True,
               help="How each step removes noise.")
 @click.option("--karras/--no-karras", default=None,
               help="Karras et al.'s spacing of noise levels (lms, euler, euler_a, heun, dpmpp_2m). "
@@ -263,9 +263,15 @@ def command_settings(base: Settings, options: dict) -> Settings:
     chosen = {SETTINGS_NAMES.get(name, name): value for name, value in options.items()}
     if chosen.get("seed") == -1:
         chosen["seed"] = None
-    if "sampler" in chosen and chosen.get("karras") is None:
-        chosen["karras"] = karras_by_default(chosen["sampler"])
-    return replace(base, **chosen)
+    return replace(base, **own_noise_levels(chosen, keep_karras=False))
+
+
+def own_noise_levels(chosen: dict, keep_karras: bool) -> dict:
+    """`chosen` settings with, where they pick a sampler but not karras (and `keep_karras` is False), that
+    sampler's own noise levels: Karras's for dpmpp_2m."""
+    if "sampler" in chosen and chosen.get("karras") is None and not keep_karras:
+        return {**chosen, "karras": karras_by_default(chosen["sampler"])}
+    return chosen
 
 
 def read_axis(text: str) -> Axis:
@@ -293,10 +299,8 @@ def plot_settings(base: Settings, axes: list[Axis], keep_karras: bool) -> list[S
     for y_value in y.values:
         for x_value in x.values:
             chosen = {SETTINGS_NAMES.get(axis.name, axis.name): value for axis, value in ((x, x_value), (y, y_value))}
-            if "sampler" in chosen and "karras" not in chosen and not keep_karras:
-                chosen["karras"] = karras_by_default(chosen["sampler"])
             try:
-                cells.append(replace(base, **chosen))
+                cells.append(replace(base, **own_noise_levels(chosen, keep_karras)))
             except SDError as error:
                 raise SDError(f"--xy: {error}") from None
     return cells

@@ -27,6 +27,9 @@ from .samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .schedule import SD15, check_steps
 
 MAX_SEED = 2**32 - 1
+# what `sd generate` renders with unless told otherwise: AUTOMATIC1111's DPM++ 2M Karras in 20 steps (the library's
+# generate() keeps DDPM in 50, the reference the parity tests compare with)
+COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
 DEFAULT_MASK_BLUR = 4
 
 

@@ -21,7 +21,8 @@ from sd.diffusion import UNetConfig
 from sd.pipeline import DEFAULT_CHECKPOINTS, DEMO_CHECKPOINT
 from sd.clip import CLIPConfig
 from sd.training import train as training
-from sd.training.evaluate import COMMAND_DEFAULTS, accuracy, render_all
+from sd.settings import COMMAND_DEFAULTS
+from sd.training.evaluate import accuracy, render_all
 from sd.training.world import HELD_OUT, Reading, Scene, combinations, random_batch, read_image
 from sd.vae import VAEConfig
 

@@ -18,11 +18,10 @@ from PIL import Image, ImageDraw
 
 from ..model_loader import load_models
 from ..pipeline import DEMO_CHECKPOINT, generate
+from ..settings import COMMAND_DEFAULTS
 from .world import COLOURS, POSITIONS, SHAPES, Reading, Scene, combinations, read_image
 
 ATTRIBUTES = ("colour", "shape", "position")
-# what `sd generate` renders with unless told otherwise (cli.py: AUTOMATIC1111's DPM++ 2M Karras, 20 steps)
-COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
 GRID_SCALE = 2  # each 64x64 image drawn at 128x128
 LABEL_WIDTH = 190
 
