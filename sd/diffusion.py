@@ -160,14 +160,17 @@ class Downsample(nn.Module):
 
 
 class Stage(nn.ModuleList):
-    """A few layers run in order, each given what it needs: the time, the context or neither."""
+    """A few layers run in order, each given what it needs: the time, the context, the size to upsample to, or
+    none of these."""
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time: torch.Tensor, context: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResidualBlock):
                 x = layer(x, time)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -229,6 +232,9 @@ class UNet(nn.Module):
         x = self.middle_block(x, time, context)
         # (B, 1280, h / 8, w / 8) -> (B, 320, h, w)
         for stage in self.output_blocks:
-            x = stage(torch.cat([x, skips.pop()], dim=1), time, context)
+            x = torch.cat([x, skips.pop()], dim=1)
+            # an upsampling stage grows x to the size of the skip it meets next: twice its own, or one less on a
+            # side whose halving rounded up on the way down (9 -> 5 latents: back up 5 -> 9)
+            x = stage(x, time, context, skips[-1].shape[-2:] if skips else None)
         # (B, 320, h, w) -> (B, 4, h, w)
         return self.conv_out(F.silu(self.norm_out(x)))

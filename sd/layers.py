@@ -197,8 +197,11 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
         self.packed: tuple[list[torch.Tensor], torch.Tensor] | None = None  # see pack
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """x upsampled to `size` (default: twice its own), as nearest-neighbour upsampling then the convolution."""
         batch, _, height, width = x.shape
+        if size is not None and tuple(size) != (2 * height, 2 * width):
+            return self.resized(x, tuple(size))
         kernels, bias = self.folded_kernels(x.dtype)
         # (B, C, H, W) -> (B, C, 2H, 2W), filled a quarter (one row and column parity) at a time
         out = torch.empty(batch, kernels[0].shape[0], 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
@@ -211,6 +214,21 @@ class Upsample(nn.Module):
                 phase = F.conv2d(x, kernel, bias, padding=1)
             out[:, :, row::2, col::2] = phase[:, :, row : row + height, col : col + width]
         return out
+
+    def resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The plain computation, for a size other than 2x: there the last row or column of the upsampled image
+        is missing, and the folded kernels would sum taps over it."""
+        # (B, C, H, W) -> (B, C, *size), then the 3x3 convolution at that size
+        upsampled = F.interpolate(x, size=size, mode="nearest")
+        if self.packed is None:
+            return self.conv(upsampled)
+        # packed (pack dropped the 3x3 kernel): unfolded in fp32 from the folded ones, along the columns for each
+        # row parity, then along the rows
+        kernels, bias = self.packed
+        kernels = [kernel.to_dense().float() for kernel in kernels]
+        rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
+        weight = unfold_taps(*rows, dim=2).to(x.dtype)
+        return F.conv2d(upsampled, weight, bias.to(x.dtype), padding=1)
 
     def folded_kernels(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The four 2x2 kernels in the order of PARITIES, and the bias, in `dtype`."""
@@ -241,6 +259,12 @@ def fold_taps(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     even outputs see input pixels (i-1, i) with taps (w0, w1 + w2), odd ones (i, i+1) with (w0 + w1, w2)."""
     w0, w1, w2 = weight.unbind(dim)
     return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def unfold_taps(even: torch.Tensor, odd: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3-tap kernel that fold_taps made `even` and `odd` of."""
+    (w0, _), (w0_w1, w2) = even.unbind(dim), odd.unbind(dim)
+    return torch.stack([w0, w0_w1 - w0, w2], dim)
 
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:

@@ -148,6 +148,25 @@ def test_packed_weights_compute_the_same_sums(dtype):
     assert relative_error(packed_tokens, plain_tokens) < bound
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_upsampling_to_a_size_other_than_twice_is_nearest_upsampling_then_the_convolution(packed):
+    """Where halving rounded up on the way down (9 -> 5 latents), the U-Net upsamples to one less than twice
+    (5 -> 9): the layer then runs the plain computation, with the 3x3 kernel unfolded from the packed folded
+    ones where pack dropped it. fp32 (packing fp32 weights works on every x86 CPU): the same sums in another
+    order, so within 1e-6 of the largest value; a wrong tap would be of order 1."""
+    if packed and not X86_ONEDNN:
+        pytest.skip("packing is for oneDNN on x86")
+    layer = Upsample(16).requires_grad_(False)
+    weight, bias = layer.conv.weight.clone(), layer.conv.bias.clone()
+    x = torch.randn(1, 16, 5, 7, generator=torch.Generator().manual_seed(2))
+    if packed:
+        layer.pack()
+    with torch.inference_mode():
+        for size in [(9, 13), (9, 14), (10, 13), (10, 14)]:
+            expected = F.conv2d(F.interpolate(x, size=size, mode="nearest"), weight, bias, padding=1)
+            assert relative_error(layer(x, size), expected) < 1e-6, size
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """The largest difference against the largest value."""
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()

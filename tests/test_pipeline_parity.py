@@ -86,6 +86,22 @@ def test_text_to_image_matches_diffusers(both, name, karras):
     assert_same_image(actual, expected, f"{name}{' karras' * karras} pipeline")
 
 
+@pytest.mark.parametrize("width, height", [(64, 72), (72, 64), (88, 120)])
+def test_sizes_that_are_not_multiples_of_64_match_diffusers(both, width, height):
+    """Latents of 9 rows go 9 -> 5 -> 3 -> 2 down the U-Net and must come back up to each skip's size."""
+    from diffusers import StableDiffusionPipeline
+
+    ours, reference = both
+    pipeline = StableDiffusionPipeline(**{**reference.components, "scheduler": scheduler("ddim")})
+    latents = torch.randn(1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(11))
+    expected = pipeline(
+        **PROMPT, num_inference_steps=2, guidance_scale=7.5, height=height, width=width, latents=latents.clone(), output_type="np",
+    ).images[0]
+    actual = generate(**PROMPT, sampler="ddim", steps=2, cfg_scale=7.5, width=width, height=height, latents=latents, models=ours, progress=False)[0]
+    assert actual.size == (width, height)
+    assert_same_image(actual, expected, f"{width}x{height} pipeline")
+
+
 @pytest.mark.parametrize("name", ["ddim", "euler"])
 def test_image_to_image_matches_diffusers(both, name):
     from diffusers import StableDiffusionImg2ImgPipeline
