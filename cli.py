@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from sd import model_hash
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
+from sd.model_loader import image_size
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
@@ -123,6 +126,9 @@ class Job:
                    "else data/v1-5-pruned-emaonly.safetensors or .ckpt, else the demo model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks CUDA, then MPS, then the CPU.")
+@click.option("--vae-tiling/--no-vae-tiling", default=None,
+              help="Decode (and encode) in tiles of 512x512 pixels, whose memory does not grow with the image, blended "
+                   "over their overlap as diffusers does. Default: only where a whole image would not fit in memory.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
               help="The weights' type. auto: fp16 on CUDA, bf16 on a CPU with bf16 instructions, else fp32. "
                    "On a CPU without them bf16 halves the memory but computes in fp32.")
@@ -139,8 +145,8 @@ class Job:
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
-                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, dtype, output, outdir, overwrite,
-                     grid, xy):
+                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
+                     overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -176,13 +182,14 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
+    vae_tiling = plan_memory(jobs, checkpoint, device, dtype, vae_tiling)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
         warn_of_another_model(from_image, image.settings, checkpoint)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask), checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -231,14 +238,14 @@ def describe(path: Path) -> dict:
         return {**result, "settings": None, "unusable": str(error)}
 
 
-def render(jobs: list[Job], images: dict, checkpoint: Path, device, dtype: str):
-    """Makes and saves each job's image with one model load, yielding each file once it is complete. `images`:
-    generate()'s input image and mask."""
+def render(jobs: list[Job], inputs: dict, checkpoint: Path, device, dtype: str):
+    """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
+    generate()'s input image, mask and VAE tiling."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
-        image, = generate(job.settings, models=models, device=device, **images)
+        image, = generate(job.settings, models=models, device=device, **inputs)
         sampling += time.perf_counter() - started
         short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
         made = replace(image.info["sd"], model_hash=short_hash, model=checkpoint.stem)
@@ -421,14 +428,33 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
     return remaining
 
 
-def load(checkpoint: Path, device, dtype: str) -> dict:
-    started = time.perf_counter()
+def plan_memory(jobs: list[Job], checkpoint: Path, device, dtype: str, vae_tiling: bool | None) -> bool:
+    """Refuses, before the load, a batch whose largest image cannot fit in memory; whether the VAE works in tiles
+    (sd/memory.py)."""
+    if any(job.settings.width is None or job.settings.height is None for job in jobs):
+        with reading(checkpoint):
+            side = image_size(checkpoint)
+    width, height = max(((job.settings.width or side, job.settings.height or side) for job in jobs), key=lambda size: size[0] * size[1])
+    stored = weights_dtype(dtype, device)
+    guided = any(job.settings.cfg_scale != 1.0 for job in jobs)
+    return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device)), device, stored, vae_tiling)
+
+
+@contextmanager
+def reading(checkpoint: Path):
+    """A checkpoint that cannot be read (or is no SD 1.x checkpoint) is one line that says where to get one."""
     try:
-        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
+        yield
     except SDError as error:
         raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
+
+
+def load(checkpoint: Path, device, dtype: str) -> dict:
+    started = time.perf_counter()
+    with reading(checkpoint):
+        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
     click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
 

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SDError
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
+from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .samplers import KnownRegion, sample
@@ -54,6 +55,7 @@ def generate(
     dtype: torch.dtype | str | None = None,
     latents: torch.Tensor | None = None,
     progress: bool = True,
+    vae_tiling: bool | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -66,6 +68,10 @@ def generate(
     `width` and `height` default to the size the model was trained at (512 for SD 1.5, 64 for the demo model). With
     neither `models` nor `checkpoint`, the checkpoint is default_checkpoint(). Each image's `info["sd"]` holds the
     Settings that made it, with the seed, the size and the strength it got.
+
+    `vae_tiling` decodes (and encodes) in tiles of 512x512 pixels, whose memory does not grow with the image
+    (sd/tiling.py); None: only where a whole image would not fit in memory (sd/memory.py), which a render
+    that cannot fit even so is refused with an SDError before the models load.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -81,9 +87,12 @@ def generate(
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
+    # the weights' dtype: the loaded models', or the one they will be loaded in
+    stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
+    render = Render(width, height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
+    tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
-        models = cached_models(find_checkpoint(checkpoint), device, dtype)
-    stored = next(models["diffusion"].parameters()).dtype
+        models = cached_models(find_checkpoint(checkpoint), device, stored)
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
     strength = settings.strength
@@ -108,7 +117,7 @@ def generate(
     # the start of image-to-image, or what an ordinary checkpoint must keep outside the mask
     needs_image_latents = image is not None and (known_region or not pure_noise_start)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), out_of_memory_as_error(width, height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
         prompts = [settings.negative_prompt] * num_images * guided + [settings.prompt] * num_images
@@ -120,11 +129,11 @@ def generate(
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
-            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae) if needs_image_latents else None
+            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae, tiled) if needs_image_latents else None
             # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
             noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
             # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
-            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae) if inpainting_model else None
+            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         with on_device(models["diffusion"], device, idle_device) as unet:
@@ -145,7 +154,7 @@ def generate(
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
-            pixels = decoder(x.to(vae)).float()
+            pixels = decoder(x.to(vae), tiled=tiled).float()
 
     images = [to_pil(p) for p in pixels]
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
@@ -166,21 +175,21 @@ def is_inpainting_model(unet: torch.nn.Module) -> bool:
     return channels == INPAINTING_CHANNELS
 
 
-def encode_image(encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple, device, dtype) -> torch.Tensor:
+def encode_image(encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple, device, dtype, tiled: bool = False) -> torch.Tensor:
     """Latents of `image` (1, 3, H, W), one draw from the encoder's posterior per image of the batch."""
     noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
     # (1, 3, H, W) -> (B, 4, h, w): the posterior's mean and spread are the same for every image, the noise is not
-    return encoder(image.to(device, dtype), noise).float()
+    return encoder(image.to(device, dtype), noise, tiled=tiled).float()
 
 
-def inpainting_conditioning(encoder: torch.nn.Module, image: torch.Tensor | None, repaint: torch.Tensor | None, generator: torch.Generator, latent_shape: tuple, device, dtype) -> torch.Tensor:
+def inpainting_conditioning(encoder: torch.nn.Module, image: torch.Tensor | None, repaint: torch.Tensor | None, generator: torch.Generator, latent_shape: tuple, device, dtype, tiled: bool = False) -> torch.Tensor:
     """What an inpainting U-Net takes beside the latents, (B, 5, h, w): the mask and the latents of the masked
     image. Without a mask it repaints everything: mask all 1, the image all gray."""
     batch, _, height, width = latent_shape
     size = (height * LATENT_FACTOR, width * LATENT_FACTOR)
     repaint = repaint if repaint is not None else torch.ones(1, 1, *size)
     pixels = masked_image(image if image is not None else torch.zeros(1, 3, *size), repaint)
-    masked_latents = encode_image(encoder, pixels, generator, latent_shape, device, dtype)  # (B, 4, h, w)
+    masked_latents = encode_image(encoder, pixels, generator, latent_shape, device, dtype, tiled)  # (B, 4, h, w)
     mask = conditioning_mask(repaint, (height, width)).to(device).expand(batch, -1, -1, -1)  # (B, 1, h, w)
     return torch.cat([mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
 

@@ -93,6 +93,7 @@ def assert_clean_failure(result, expected: str):
         (["--prompt", "x", "--strength", "1.5"], "'--strength': 1.5 is not in the range 0<x<=1"),
         (["--prompt", "x", "--width", "100"], "error: width must be a multiple of 8 and at least 64, got 100: try 96"),
         (["--prompt", "x", "--height", "56"], "error: height must be a multiple of 8 and at least 64, got 56: try 64"),
+        (["--prompt", "x", "--width", "100000", "--height", "100000"], "error: 100000x100000 needs about"),
         (["--prompt", "x", "--steps", "0"], "'--steps': 0 is not in the range x>=1"),
         (["--prompt", "x", "--cfg", "-1"], "'--cfg': -1.0 is not in the range x>=0"),
         (["--prompt", "x", "--sampler", "nope"], "'--sampler': 'nope' is not"),
