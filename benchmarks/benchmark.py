@@ -3,6 +3,7 @@
     make bench                                               # everything below, fp32 and bf16
     .venv/bin/python benchmarks/benchmark.py --only load     # groups: load, components, turns, generate
     .venv/bin/python benchmarks/benchmark.py --sizes 256 --steps 4 --dtypes bf16   # quicker
+    .venv/bin/python benchmarks/benchmark.py --only decode --dtypes bf16 --decode-sizes 1024 2048   # sd's decode alone
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -10,6 +11,11 @@ step, VAE decode and encode at each size, U-Net steps of both sides taken in tur
 ratio least moved by the machine's drifting speed), and a whole txt2img run. It prints a table with the ratio
 sd/diffusers, the GFLOP/s reached against the matmul peak, and the PSNR between the fp32 and bf16
 images, and writes every figure to benchmarks/results.json.
+
+`--only decode` (not part of the default run) measures sd's VAE decode alone, untiled and tiled (tiles of
+`--decode-tile` latents), at each of `--decode-sizes`, each in its own process: the time of a decode and its
+peak RSS, counted from after the load, once every model but the decoder is freed (`rss_before_gib` is what
+the process held then: Python, torch and the decoder's weights).
 
 diffusers' `from_single_file` needs files from a model hub, so its models are built from the same
 tensors by its own single-file converters (on the meta device, the fastest way it offers), with its
@@ -19,6 +25,7 @@ and computes in fp32 (sd/precision.py); diffusers is then given the same with it
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -55,6 +62,16 @@ def peak_rss_gib() -> float:
     status = Path("/proc/self/status").read_text()
     kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     return kilobytes / 2**20
+
+
+def current_rss_gib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Makes VmHWM start again from the current RSS (Linux's clear_refs, value 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def summary(seconds: list[float]) -> dict:
@@ -198,7 +215,27 @@ def worker_turns(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, *
     return {"sd_unet_step_s": summary(seconds["sd"]), "diffusers_unet_step_s": summary(seconds["diffusers"]), "ratio": summary(ratios)}
 
 
-WORKERS = {"peaks": worker_peaks, "load": worker_load, "components": worker_components, "generate": worker_generate, "turns": worker_turns}
+def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, tile: int, repeat: int, **_) -> dict:
+    """sd's VAE decode alone (batch 1) at `size`, tiled or not. Only the decoder is kept after the load and
+    the peak RSS starts again from there, so the peak is the decode's own plus what the process held before
+    it. A warm-up call first."""
+    from sd.layers import trim_heap
+
+    decoder = load_sd(checkpoint, dtype)["decoder"]
+    gc.collect()
+    trim_heap()
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(compute_dtype(dtype, CPU))
+    before = current_rss_gib()
+    reset_peak_rss()
+
+    def decode():
+        decoder(latents, tiled=tiled, tile_size=tile)
+
+    decode()
+    return {"decode_s": summary([timed_once(decode) for _ in range(repeat)]), "rss_before_gib": before}
+
+
+WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate, "turns": worker_turns}
 
 
 def run_worker(spec: dict) -> dict:
@@ -234,6 +271,9 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
             pairs.append(dict(group="generate", size=max(args.sizes), steps=args.steps, checkpoint=str(files[".safetensors"])))
         if "turns" in args.only:
             specs.append(dict(group="turns", size=max(args.sizes), repeat=2 * args.repeat, checkpoint=str(files[".safetensors"]), dtype=dtype))
+        if "decode" in args.only:
+            specs += [dict(group="decode", impl="sd", dtype=dtype, size=size, tiled=tiled, tile=args.decode_tile, repeat=args.repeat,
+                           checkpoint=str(files[".safetensors"])) for size in args.decode_sizes for tiled in (False, True)]
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
@@ -319,6 +359,8 @@ def label(result: dict) -> str:
         return f"{dtype} {result['size']}x{result['size']}"
     if group == "turns":
         return f"{dtype} {result['size']}x{result['size']} steps in turn"
+    if group == "decode":
+        return f"{dtype} decode {result['size']}x{result['size']} {'tiled' if result['tiled'] else 'untiled'}"
     return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
 
 
@@ -363,10 +405,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=groups)
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode"], help="decode: sd's decode alone, untiled and tiled (not run by default)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
+    parser.add_argument("--decode-sizes", nargs="+", type=int, default=[1024, 2048], help="image sides for --only decode (default 1024 2048)")
+    parser.add_argument("--decode-tile", type=int, default=64, help="the tiled decode's tile, in latents (default 64: 512 pixels)")
     parser.add_argument("--steps", type=int, default=20, help="txt2img steps (default 20)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d, Upsample, trim_heap
+from .tiling import check_tile_size, run_tiled
 from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
@@ -24,6 +25,7 @@ class Decoder(nn.Module):
         widths = config.widths
         last = len(widths) - 1
         self.scale_factor = config.scale_factor
+        self.upscale = 2**last  # every level but the full-resolution one doubles the sides
         self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
         self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(config, widths[-1])
@@ -34,7 +36,19 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(config, widths[0])
         self.conv_out = Conv2d(widths[0], config.image_channels, 3, padding=1)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64) -> torch.Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w). With `tiled`, latents larger than `tile_size` (a
+        multiple of 4) on a side are decoded in overlapping tiles of that many latents, blended as diffusers'
+        enable_tiling() does (sd/tiling.py), so the memory beyond the output is that of one tile; latents no
+        larger than one tile are decoded whole, exactly as without `tiled`."""
+        if not tiled:
+            return self.decode(latents)
+        check_tile_size(tile_size)
+        # (B, 4, h, w) -> (B, 3, 8h, 8w)
+        return run_tiled(self.decode, latents, tile_size, scale=self.upscale)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole of `latents` at once."""
         # (B, 4, h, w) -> (B, 512, h, w)
         x = self.conv_in(self.post_quant_conv(latents / self.scale_factor))
         x = self.mid(x)

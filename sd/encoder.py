@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d
+from .tiling import check_tile_size, run_tiled
 from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
 
@@ -34,6 +35,7 @@ class Encoder(nn.Module):
         widths = config.widths
         last = len(widths) - 1
         self.scale_factor = config.scale_factor
+        self.downscale = 2**last  # every level but the lowest halves the sides
         self.conv_in = Conv2d(config.image_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(
             EncoderLevel(config, widths[max(i - 1, 0)], widths[i], downsample=i < last) for i in range(len(widths))
@@ -44,15 +46,30 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
         self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
 
-    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, noise: torch.Tensor, tiled: bool = False, tile_size: int = 64) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] and (B, 4, H / 8, W / 8) noise -> scaled latents. With `tiled`, see moments."""
         # 2 x (B, 4, H / 8, W / 8)
-        mean, log_variance = self.moments(image)
+        mean, log_variance = self.moments(image, tiled, tile_size)
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
         # Sample the posterior with the caller's noise, so results are reproducible.
         return (mean + std * noise) * self.scale_factor
 
-    def moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and the log-variance of the posterior of each latent."""
+    def moments(self, image: torch.Tensor, tiled: bool = False, tile_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the log-variance of the posterior of each latent. With `tiled`, an image larger than
+        `tile_size` latents (a multiple of 4; times 8 pixels) on a side is encoded in overlapping tiles whose
+        moments are blended as diffusers' enable_tiling() does (sd/tiling.py), so the memory beyond the result
+        is that of one tile; an image no larger than one tile is encoded whole, exactly as without `tiled`."""
+        if tiled:
+            check_tile_size(tile_size)
+            # (B, 3, H, W) -> (B, 8, H / 8, W / 8)
+            moments = run_tiled(self.stacked_moments, image, tile_size * self.downscale, scale=1 / self.downscale)
+        else:
+            moments = self.stacked_moments(image)
+        # (B, 8, H / 8, W / 8) -> 2 x (B, 4, H / 8, W / 8)
+        return moments.chunk(2, dim=1)
+
+    def stacked_moments(self, image: torch.Tensor) -> torch.Tensor:
+        """The mean and the log-variance stacked on the channels, of the whole image at once."""
         # (B, 3, H, W) -> (B, 128, H, W)
         x = self.conv_in(image)
         # (B, 128, H, W) -> (B, 512, H / 8, W / 8)
@@ -63,6 +80,4 @@ class Encoder(nn.Module):
             x = level.downsample(x)
         x = self.mid(x)
         # (B, 512, H / 8, W / 8) -> (B, 8, H / 8, W / 8)
-        moments = self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))
-        # (B, 8, H / 8, W / 8) -> 2 x (B, 4, H / 8, W / 8)
-        return moments.chunk(2, dim=1)
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))
