@@ -7,7 +7,6 @@ import os
 import random
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from sd.grid import contact_sheet, labelled_grid
 from sd.inpaint import check_mask_has_image, read_mask
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
-from sd.model_loader import image_size
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
@@ -177,12 +175,12 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
+    vae_tiling = plan_memory(batch, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
-    vae_tiling = plan_memory(jobs, checkpoint, device, dtype, vae_tiling)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
@@ -428,33 +426,27 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
     return remaining
 
 
-def plan_memory(jobs: list[Job], checkpoint: Path, device, dtype: str, vae_tiling: bool | None) -> bool:
+def plan_memory(batch: list[Settings], device, dtype: str, vae_tiling: bool | None) -> bool | None:
     """Refuses, before the load, a batch whose largest image cannot fit in memory; whether the VAE works in tiles
-    (sd/memory.py)."""
-    if any(job.settings.width is None or job.settings.height is None for job in jobs):
-        with reading(checkpoint):
-            side = image_size(checkpoint)
-    width, height = max(((job.settings.width or side, job.settings.height or side) for job in jobs), key=lambda size: size[0] * size[1])
+    (sd/memory.py). Images of the model's own size (no size given) are left to generate(), which knows it once
+    the model is loaded."""
+    sizes = [(settings.width, settings.height) for settings in batch if settings.width and settings.height]
+    if not sizes:
+        return vae_tiling
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
     stored = weights_dtype(dtype, device)
-    guided = any(job.settings.cfg_scale != 1.0 for job in jobs)
+    guided = any(settings.cfg_scale != 1.0 for settings in batch)
     return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device)), device, stored, vae_tiling)
-
-
-@contextmanager
-def reading(checkpoint: Path):
-    """A checkpoint that cannot be read (or is no SD 1.x checkpoint) is one line that says where to get one."""
-    try:
-        yield
-    except SDError as error:
-        raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
-    except OSError as error:
-        raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
 
 
 def load(checkpoint: Path, device, dtype: str) -> dict:
     started = time.perf_counter()
-    with reading(checkpoint):
+    try:
         models = cached_models(checkpoint, device, weights_dtype(dtype, device))
+    except SDError as error:
+        raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
+    except OSError as error:
+        raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
     click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
 
