@@ -7,6 +7,7 @@ The expected infotexts are written by hand from the rules in /work/shared/refere
 """
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from test_pipeline_parity import PROMPT, assert_same_image, both, scheduler  # n
 
 import cli
 from sd import SDError, Settings, generate, load_models
+from sd.diffusion import UNet
 from sd.hires import hires_schedule
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.schedule import euler_schedule, leading_timesteps
@@ -73,6 +75,28 @@ def test_the_second_pass_runs_the_last_hires_steps_of_a1111s_longer_schedule(dem
     first = [((8, 8), t) for t in TIMESTEPS[sampler](2).tolist()]
     second = [((16, 16), t) for t in TIMESTEPS[hires_sampler or sampler](4)[1:].tolist()]
     assert [(size, pytest.approx(t, abs=1e-3)) for size, t in first + second] == unet_inputs
+
+
+def test_an_inpainting_checkpoint_gets_text_to_image_conditioning_at_the_hires_size(demo):
+    """The demo U-Net widened to an inpainting checkpoint's 9 input channels (the 5 new ones weighted 0)."""
+    state = demo["diffusion"].state_dict()
+    first = state["input_blocks.0.0.weight"]  # (48, 4, 3, 3)
+    state["input_blocks.0.0.weight"] = torch.cat([first, torch.zeros(first.shape[0], 5, *first.shape[2:])], dim=1)  # (48, 9, 3, 3)
+    with torch.device("meta"):
+        unet = UNet(replace(demo["diffusion"].config, in_channels=9))
+    unet.load_state_dict(state, assign=True)
+    inputs = []
+    unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    image, = generate(DEMO_PROMPT, models={**demo, "diffusion": unet}, steps=2, cfg_scale=1.0, seed=1, width=64, height=64,
+                      hires_scale=2, progress=False)
+    assert image.size == (128, 128)
+    assert [tuple(x.shape) for x in inputs] == [(1, 9, 8, 8)] * 2 + [(1, 9, 16, 16)] * 2
+    # text-to-image's conditioning: the mask all 1 (repaint everything), then a gray image's latents, whose encoder
+    # noise is drawn after the hires noise as text-to-image at 128x128 draws it after its starting noise
+    second_pass = inputs[-1]
+    assert torch.equal(second_pass[:, 4], torch.ones(1, 16, 16))
+    generate(DEMO_PROMPT, models={**demo, "diffusion": unet}, steps=2, cfg_scale=1.0, seed=1, width=128, height=128, progress=False)
+    assert torch.equal(second_pass[:, 5:], inputs[-1][:, 5:])
 
 
 def test_a1111s_step_rule():
