@@ -18,9 +18,11 @@ from PIL.PngImagePlugin import PngInfo
 from sd import model_hash
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
+from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
+from sd.model_loader import image_size
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
@@ -63,6 +65,7 @@ def yes_no(text: str) -> bool:
 AXES = {
     "prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "karras": yes_no, "cfg": float, "seed": int,
     "width": int, "height": int, "strength": float, "eta": float, "mask_blur": int,
+    "hires_scale": float, "hires_upscaler": str, "hires_steps": int, "hires_strength": float, "hires_sampler": str,
 }
 
 VALUE_KINDS = {int: "a whole number", float: "a number", yes_no: "yes or no"}
@@ -118,6 +121,20 @@ class Job:
                    "pasted back, fade into the repainted ones; 0 for a hard edge.")
 @click.option("--width", type=int, help="A multiple of 8, at least 64. Default: the model's own size (512 for SD 1.5, 64 for the demo model).")
 @click.option("--height", type=int, help="A multiple of 8, at least 64. Default: the model's own size.")
+@click.option("--hires-scale", type=float,
+              help="Hires fix (AUTOMATIC1111's): render at --width x --height, upscale by this factor (int(side * scale), a "
+                   "multiple of 8), and redraw with image-to-image. E.g. 2: 512x512 -> 1024x1024.")
+@click.option("--hires-width", type=int, help="Hires fix to this width instead of a scale; without --hires-height the aspect ratio is kept.")
+@click.option("--hires-height", type=int, help="Hires fix to this height; with --hires-width too, the upscale covers both and is cut at the center.")
+@click.option("--hires-upscaler", type=click.Choice(list(UPSCALERS)), default=DEFAULT_UPSCALER, show_default=True,
+              help="latent*: resize the latents (latent: bilinear, AUTOMATIC1111's default); lanczos, nearest: decode, resize the pixels, encode.")
+@click.option("--hires-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Steps of the second pass; 0: --steps. They run as the last of a schedule of int(steps / hires strength): "
+                   "20 at 0.7 run the last 20 of 28.")
+@click.option("--hires-strength", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
+              help="How much the second pass changes the upscaled image (AUTOMATIC1111's Denoising strength).")
+@click.option("--hires-sampler", type=click.Choice(list(SAMPLERS)),
+              help="The second pass's sampler, with its own noise levels (Karras's for dpmpp_2m). Default: --sampler's.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help=f"An SD 1.x .safetensors or .ckpt, or {DEMO_NAME} for the built-in demo model. Default: $SD_CHECKPOINT, "
@@ -143,7 +160,8 @@ class Job:
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
-                     strength, mask_path, mask_blur, width, height, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
+                     strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height, hires_upscaler, hires_steps,
+                     hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
                      overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
@@ -152,7 +170,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     """
     # Everything cheap is checked before the models load, so a mistake costs no waiting.
     options = dict(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg, seed=seed,
-                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur)
+                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur, hires_scale=hires_scale,
+                   hires_width=hires_width, hires_height=hires_height, hires_upscaler=hires_upscaler, hires_steps=hires_steps,
+                   hires_strength=hires_strength, hires_sampler=hires_sampler)
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
@@ -162,6 +182,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     if axes and (len(prompts) > 1 or num_images > 1):
         raise click.UsageError("--xy plots one prompt, one image per cell: leave out --prompts-file and --num-images")
     check_mask_has_image(mask_path, input_path)
+    if settings.hires and input_path is not None:
+        raise SDError("hires fix is text-to-image only, as in AUTOMATIC1111: leave out --input, or the hires options")
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
     input_image = open_image(input_path, "--input") if input_path is not None else None
@@ -175,7 +197,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
-    vae_tiling = plan_memory(batch, device, dtype, vae_tiling)
+    vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
@@ -273,7 +295,9 @@ def command_settings(base: Settings, options: dict) -> Settings:
 
 def own_noise_levels(chosen: dict, keep_karras: bool) -> dict:
     """`chosen` settings with, where they pick a sampler but not karras (and `keep_karras` is False), that
-    sampler's own noise levels: Karras's for dpmpp_2m."""
+    sampler's own noise levels: Karras's for dpmpp_2m. A hires sampler always takes its own."""
+    if "hires_sampler" in chosen:
+        chosen = {**chosen, "hires_karras": karras_by_default(chosen["hires_sampler"])}
     if "sampler" in chosen and chosen.get("karras") is None and not keep_karras:
         return {**chosen, "karras": karras_by_default(chosen["sampler"])}
     return chosen
@@ -426,11 +450,20 @@ def skip_existing(jobs: list[Job], stop: bool) -> list[Job]:
     return remaining
 
 
-def plan_memory(batch: list[Settings], device, dtype: str, vae_tiling: bool | None) -> bool | None:
+def plan_memory(batch: list[Settings], checkpoint: Path, device, dtype: str, vae_tiling: bool | None) -> bool | None:
     """Refuses, before the load, a batch whose largest image cannot fit in memory; whether the VAE works in tiles
-    (sd/memory.py). Images of the model's own size (no size given) are left to generate(), which knows it once
-    the model is loaded."""
-    sizes = [(settings.width, settings.height) for settings in batch if settings.width and settings.height]
+    (sd/memory.py). Images of the model's own size (no size given, no hires fix) are left to generate(), which
+    knows it once the model is loaded."""
+    side = image_size(checkpoint) if any(settings.hires and not (settings.width and settings.height) for settings in batch) else None
+
+    def final_size(settings: Settings) -> tuple[int, int] | None:
+        width, height = settings.width or side, settings.height or side
+        if settings.hires:
+            target = hires_target(width, height, settings.hires_scale, settings.hires_width, settings.hires_height)
+            return target.width, target.height
+        return (width, height) if width and height else None
+
+    sizes = [size for size in map(final_size, batch) if size is not None]
     if not sizes:
         return vae_tiling
     width, height = max(sizes, key=lambda size: size[0] * size[1])

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import SDError
+from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
@@ -63,7 +64,8 @@ def generate(
     redraws that image (image-to-image); with a `mask` too, only the mask's white part (inpainting, see
     sd/inpaint.py). `strength` defaults to 0.8, or to 1.0 when an inpainting checkpoint repaints a mask. With an
     ordinary checkpoint the original pixels are pasted back outside the mask, over an edge feathered by a
-    Gaussian blur of radius `mask_blur` pixels.
+    Gaussian blur of radius `mask_blur` pixels. With a `hires_scale` (or `hires_width`/`hires_height`), hires fix:
+    width x height is the first pass, redrawn at the hires size by hires_pass().
 
     `width` and `height` default to the size the model was trained at (512 for SD 1.5, 64 for the demo model). With
     neither `models` nor `checkpoint`, the checkpoint is default_checkpoint(). Each image's `info["sd"]` holds the
@@ -77,6 +79,8 @@ def generate(
     if num_images < 1:
         raise SDError(f"the number of images must be at least 1, got {num_images}")
     check_mask_has_image(mask, input_image)
+    if settings.hires and input_image is not None:
+        raise SDError("hires fix is text-to-image only, as in A1111: leave out the input image, or the hires settings")
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
@@ -84,12 +88,15 @@ def generate(
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
+    hires = hires_target(width, height, settings.hires_scale, settings.hires_width, settings.hires_height) if settings.hires else None
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
     # the weights' dtype: the loaded models', or the one they will be loaded in
     stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
-    render = Render(width, height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
+    # the largest size the render reaches: hires fix's
+    final_width, final_height = (hires.width, hires.height) if hires is not None else (width, height)
+    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored)
@@ -117,7 +124,7 @@ def generate(
     # the start of image-to-image, or what an ordinary checkpoint must keep outside the mask
     needs_image_latents = image is not None and (known_region or not pure_noise_start)
 
-    with torch.inference_mode(), out_of_memory_as_error(width, height):
+    with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
         prompts = [settings.negative_prompt] * num_images * guided + [settings.prompt] * num_images
@@ -137,20 +144,12 @@ def generate(
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         with on_device(models["diffusion"], device, idle_device) as unet:
-
-            def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
-                if conditioning is not None:
-                    x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
-                # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
-                predicted = unet(torch.cat([x] * (1 + guided)).to(dtype), context, timestep).float()
-                if not guided:
-                    return predicted
-                uncond, cond = predicted.chunk(2)
-                return uncond + cfg_scale * (cond - uncond)
-
+            predict_noise = noise_predictor(unet, context, conditioning, cfg_scale, dtype)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
+        if hires is not None:
+            x = hires_pass(x, settings, hires, seed, models, context, device, idle_device, (dtype, vae), progress, tiled)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -167,6 +166,64 @@ def generate(
     return images
 
 
+def noise_predictor(unet: torch.nn.Module, context: torch.Tensor, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype):
+    """The U-Net's noise prediction for latents at a timestep, with classifier-free guidance unless cfg_scale is
+    1 (then `context` holds the prompts alone), and an inpainting checkpoint's `conditioning` beside the latents."""
+    guided = cfg_scale != 1.0
+
+    def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
+        if conditioning is not None:
+            x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
+        # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
+        predicted = unet(torch.cat([x] * (1 + guided)).to(dtype), context, timestep).float()
+        if not guided:
+            return predicted
+        uncond, cond = predicted.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return predict_noise
+
+
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, context: torch.Tensor, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
+    """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
+    afresh from the same seed at the new size, and redrawn by image-to-image with the same prompt encodings
+    `context`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
+    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
+    (B, 4, H/8, W/8)."""
+    dtype, vae = dtypes
+    generator = torch.Generator().manual_seed(seed)
+    latent_shape = (len(latents), 4, *target.latent_size)
+    # drawn first, as A1111 draws it; encoder noise comes after
+    noise = torch.randn(latent_shape, generator=generator).to(device)
+    upscaler = UPSCALERS[settings.hires_upscaler]
+    if isinstance(upscaler, LatentUpscaler):
+        upscaled = upscale_latents(latents, upscaler, target)  # (B, 4, h, w) -> (B, 4, H/8, W/8)
+    else:
+        upscaled = upscale_decoded(latents, upscaler, target, models, generator, device, idle_device, vae, tiled)  # the same
+    conditioning = None
+    if is_inpainting_model(models["diffusion"]):  # repaints everything, as in text-to-image
+        with on_device(models["encoder"], device, idle_device) as encoder:
+            conditioning = inpainting_conditioning(encoder, None, None, generator, latent_shape, device, vae, tiled)
+    steps = settings.hires_steps or settings.steps
+    sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
+    eta = settings.eta if sampler == "ddim" else 0.0
+    with on_device(models["diffusion"], device, idle_device) as unet:
+        predict_noise = noise_predictor(unet, context, conditioning, settings.cfg_scale, dtype)
+        return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
+                      karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
+
+
+def upscale_decoded(latents: torch.Tensor, upscaler: PixelUpscaler, target: Target, models: dict, generator: torch.Generator, device, idle_device, vae: torch.dtype, tiled: bool) -> torch.Tensor:
+    """A pixel upscaler's hires latents: decoded to 8-bit images, resized by PIL, encoded again."""
+    with on_device(models["decoder"], device, idle_device) as decoder:
+        pixels = decoder(latents.to(vae), tiled=tiled).float()  # (B, 4, h, w) -> (B, 3, 8h, 8w)
+    # B x (1, 3, H, W) -> (B, 3, H, W)
+    images = torch.cat([to_tensor(upscale_pixels(to_pil(image), upscaler, target)) for image in pixels])
+    latent_shape = (len(latents), 4, *target.latent_size)
+    with on_device(models["encoder"], device, idle_device) as encoder:
+        return encode_image(encoder, images, generator, latent_shape, device, vae, tiled)
+
+
 def is_inpainting_model(unet: torch.nn.Module) -> bool:
     """Whether the U-Net takes an inpainting checkpoint's 9 input channels; SD 1.5's takes 4."""
     channels = unet.config.in_channels
@@ -176,9 +233,9 @@ def is_inpainting_model(unet: torch.nn.Module) -> bool:
 
 
 def encode_image(encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple, device, dtype, tiled: bool = False) -> torch.Tensor:
-    """Latents of `image` (1, 3, H, W), one draw from the encoder's posterior per image of the batch."""
+    """Latents of `image` (1 or B, 3, H, W), one draw from the encoder's posterior per image of the batch."""
     noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
-    # (1, 3, H, W) -> (B, 4, h, w): the posterior's mean and spread are the same for every image, the noise is not
+    # (1 or B, 3, H, W) -> (B, 4, h, w): one image's posterior mean and spread serve the whole batch, the noise differs
     return encoder(image.to(device, dtype), noise, tiled=tiled).float()
 
 

@@ -17,7 +17,7 @@ import torch
 from .ddpm import AfterStep, NoisePredictor, sample_ddim, sample_ddpm, sample_plms
 from .errors import SDError
 from .sampling import Denoiser, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun, sample_lms, sample_unipc
-from .schedule import SD15, SigmaSchedule, dpm_solver_schedule, euler_schedule, first_step, leading_timesteps
+from .schedule import SD15, SigmaSchedule, dpm_solver_schedule, euler_schedule, image_to_image_steps, leading_timesteps
 
 
 @dataclass(frozen=True)
@@ -105,23 +105,25 @@ def karras_by_default(name: str) -> bool:
     return getattr(SAMPLERS.get(name), "karras_by_default", False)
 
 
-def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0, known: KnownRegion | None = None) -> torch.Tensor:
+def sample(name: str, predict_noise: NoisePredictor, noise: torch.Tensor, steps: int, generator: torch.Generator, image_latents: torch.Tensor | None = None, strength: float = 1.0, progress: bool = True, karras: bool = False, eta: float = 0.0, known: KnownRegion | None = None, schedule_steps: int | None = None) -> torch.Tensor:
     """Clean latents (B, 4, h, w) from unit-variance `noise` of the same shape, or from `image_latents` noised
-    to `strength` (image-to-image). `karras` spaces a sigma sampler's steps as Karras et al. do; `eta` is DDIM's
-    share of fresh noise. Extra noise the sampler needs comes from `generator`. With `known`, only its repainted
-    area is generated: elsewhere the latents are held to its latents, noised with `noise` to each step's level."""
+    to `strength` (image-to-image): the last `strength` share of `steps` run, or with `schedule_steps`, the last
+    `steps` of a schedule of `schedule_steps` (A1111's hires fix). `karras` spaces a sigma sampler's steps as
+    Karras et al. do; `eta` is DDIM's share of fresh noise. Extra noise the sampler needs comes from `generator`.
+    With `known`, only its repainted area is generated: elsewhere the latents are held to its latents, noised
+    with `noise` to each step's level."""
     sampler = SAMPLERS[name]
     check_options(name, karras, eta)
-    start = 0 if image_latents is None else first_step(steps, strength)
+    length, start = (steps, 0) if image_latents is None else image_to_image_steps(steps, strength, schedule_steps)
     options = {"progress": progress}
     if sampler.stochastic:
         options["draw_noise"] = noise_source(generator)
     if name == "ddim":
         options["eta"] = eta
     if isinstance(sampler, SigmaSampler):
-        schedule = sampler.schedule(steps, karras).from_step(start)
+        schedule = sampler.schedule(length, karras).from_step(start)
         return sampler(predict_noise, noise, schedule, image_latents, known, **options)
-    return sampler(predict_noise, noise, leading_timesteps(steps)[start:], image_latents, known, **options)
+    return sampler(predict_noise, noise, leading_timesteps(length)[start:], image_latents, known, **options)
 
 
 def check_options(name: str, karras: bool, eta: float) -> None:

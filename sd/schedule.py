@@ -139,3 +139,13 @@ def first_step(num_steps: int, strength: float) -> int:
         raise SDError(f"strength must be between 0 and 1, got {strength}")
     # diffusers' img2img rounds the share of steps down the same way but may run none
     return min(num_steps - int(num_steps * strength), num_steps - 1)
+
+
+def image_to_image_steps(steps: int, strength: float, schedule_steps: int | None = None) -> tuple[int, int]:
+    """The length of image-to-image's schedule and the step it starts at: the last `strength` share of `steps`,
+    or given `schedule_steps` (A1111's hires fix), the last `steps` of a schedule of that many."""
+    if schedule_steps is None:
+        return steps, first_step(steps, strength)
+    if not 1 <= steps <= schedule_steps:
+        raise SDError(f"cannot run {steps} steps of a schedule of {schedule_steps}: give between 1 and {schedule_steps}")
+    return schedule_steps, schedule_steps - steps

@@ -10,7 +10,9 @@ or WebP's EXIF UserComment):
 Fields are `Name: value` joined by ", ", in A1111's order, those without a value left out; a value holding a
 comma, a colon or a newline is written as a JSON string. The reader also takes what A1111 1.9+ writes (the
 schedule apart, "Sampler: DPM++ 2M, Schedule type: Karras") and what stable-diffusion.cpp writes (its own
-sampler names, floats as 7.000000).
+sampler names, floats as 7.000000). With hires fix (`Hires upscale` or `Hires resize` written), `Size` is the first
+pass's and `Denoising strength` the second pass's; stable-diffusion.cpp writes its upscaler's name in `Hires upscale`
+and the scale in `Hires scale`.
 
 Adding a setting means a field below, its check in __post_init__, and its infotext name in to_infotext(),
 FIELD_READERS and INFOTEXT_NAMES.
@@ -22,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .errors import SDError
+from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
 from .model_loader import LATENT_FACTOR
 from .samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .schedule import SD15, check_steps
@@ -53,6 +56,19 @@ class Settings:
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
     model: str | None = None  # the checkpoint's file name without its extension
+    # hires fix, text-to-image only (sd/hires.py): width x height is the first pass; the second redraws it upscaled
+    hires_scale: float | None = None  # the hires size is int(side * scale); None and no hires width/height: no hires fix
+    hires_width: int | None = None  # or a size: one side keeps the aspect ratio; both: upscaled to cover, cut at the center
+    hires_height: int | None = None
+    hires_upscaler: str = DEFAULT_UPSCALER  # a key of sd.hires.UPSCALERS
+    hires_steps: int = 0  # 0: as many as steps; they run as the last of a schedule of int(steps / hires_strength)
+    hires_strength: float = 0.7  # A1111's "Denoising strength" of the second pass
+    hires_sampler: str | None = None  # None: the first pass's sampler, with its noise levels
+    hires_karras: bool = False  # Karras's noise levels for hires_sampler
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale is not None or self.hires_width is not None or self.hires_height is not None
 
     def __post_init__(self):
         if self.strength is not None and not 0 < self.strength <= 1:
@@ -71,6 +87,39 @@ class Settings:
             raise SDError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}: or leave it out for a random one")
         if self.mask_blur is not None and self.mask_blur < 0:
             raise SDError(f"mask blur must be 0 or more pixels, got {self.mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
+        self.check_hires()
+
+    def check_hires(self) -> None:
+        if self.hires_upscaler not in UPSCALERS:
+            raise SDError(f"unknown hires upscaler {self.hires_upscaler!r}: choose one of {', '.join(UPSCALERS)}")
+        if not 0 < self.hires_strength <= 1:
+            raise SDError(f"hires strength must be in (0, 1], got {self.hires_strength}: 0.7 is usual, small values keep the first pass")
+        if self.hires_sampler is not None and self.hires_sampler not in SAMPLERS:
+            raise SDError(f"unknown hires sampler {self.hires_sampler!r}: choose one of {', '.join(SAMPLERS)}, or leave it out for the same sampler")
+        if self.hires_karras and self.hires_sampler is None:
+            raise SDError("hires karras sets the noise levels of a hires sampler: name one, or leave hires karras off")
+        if self.hires_sampler is not None:
+            check_options(self.hires_sampler, self.hires_karras, eta=0.0)
+        if self.hires_steps < 0:
+            raise SDError(f"hires steps must be 0 (as many as steps) or more, got {self.hires_steps}")
+        if not self.hires:
+            return
+        if self.hires_scale is not None and not self.hires_scale > 0:
+            raise SDError(f"hires scale must be more than 0, got {self.hires_scale}: 2 doubles the width and the height")
+        if self.hires_scale is not None and (self.hires_width or self.hires_height):
+            raise SDError("give a hires scale or a hires width and height, not both")
+        for name, side in (("hires width", self.hires_width), ("hires height", self.hires_height)):
+            if side is not None:
+                check_side(name, side)
+        if self.strength is not None:
+            raise SDError("hires fix is text-to-image: its strength is hires strength; leave out strength (and the input image)")
+        steps = self.hires_steps or self.steps
+        length = hires_schedule(steps, self.hires_strength)
+        if length > SD15.num_training_steps - 1:
+            raise SDError(f"{steps} hires steps at hires strength {self.hires_strength:g} make a schedule of {length} steps, more than "
+                          f"{SD15.num_training_steps - 1}: raise hires strength or lower hires steps")
+        if self.width is not None and self.height is not None:
+            hires_target(self.width, self.height, self.hires_scale, self.hires_width, self.hires_height)
 
     def to_infotext(self) -> str:
         """The settings as A1111 writes them into an image (see the module's docstring)."""
@@ -82,10 +131,11 @@ class Settings:
             "Size": f"{self.width}x{self.height}" if self.width and self.height else None,
             "Model hash": self.model_hash,
             "Model": self.model,
-            "Denoising strength": number(self.strength),
+            "Denoising strength": number(self.hires_strength if self.hires else self.strength),
             # A1111's extra fields, after its fixed ones, in the order it adds them
             "Mask blur": self.mask_blur,
             "Inpainted": "yes" if self.inpainted else None,
+            **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
         }
         lines = [self.prompt]
@@ -93,6 +143,17 @@ class Settings:
             lines.append(f"{NEGATIVE} {self.negative_prompt}")
         lines.append(", ".join(f"{name}: {quote(value)}" for name, value in line.items() if value is not None))
         return "\n".join(lines)
+
+    def hires_fields(self) -> dict:
+        if not self.hires:
+            return {}
+        if self.hires_scale is not None:
+            size = {"Hires upscale": number(self.hires_scale)}
+        else:  # A1111 writes 0 for a side not given
+            size = {"Hires resize": f"{self.hires_width or 0}x{self.hires_height or 0}"}
+        steps = {"Hires steps": self.hires_steps} if self.hires_steps else {}
+        sampler = {"Hires sampler": display_name(self.hires_sampler, self.hires_karras)} if self.hires_sampler else {}
+        return {**size, **steps, "Hires upscaler": UPSCALERS[self.hires_upscaler].a1111_name, **sampler}
 
     @classmethod
     def from_infotext(cls, text: str) -> "Settings":
@@ -180,6 +241,12 @@ def read_infotext(text: str, leave_out: Collection[str] = ()) -> Infotext:
         elif name not in READ_APART | NOT_SETTINGS and (name, value) not in SAME_AS_OURS:
             ignored.append(name)
     values.update(sampler_settings(fields_found.get("Sampler"), fields_found.get("Schedule type")))
+    if HIRES_SIZE_FIELDS & set(written) and "strength" in values:  # A1111's hires fix writes its own strength there
+        values["hires_strength"] = values.pop("strength")
+    hires_sampler = sampler_settings(fields_found.get("Hires sampler"), fields_found.get("Hires schedule type"))
+    values.update({f"hires_{name}": value for name, value in hires_sampler.items()})
+    if "hires_width" in values or "hires_height" in values:  # stable-diffusion.cpp writes a scale beside a resize
+        values.pop("hires_scale", None)
     if "Eta" in fields_found:  # A1111 writes it for the ancestral samplers' eta; sd did for DDIM's
         if values.get("sampler") == "ddim":
             values["eta"] = decimal("Eta", fields_found["Eta"])
@@ -213,10 +280,33 @@ def size(name: str, value: str) -> dict[str, int]:
     return {"width": whole_number(name, match[1]), "height": whole_number(name, match[2])}
 
 
+def hires_upscale(name: str, value: str) -> dict:
+    """A1111's hires scale; stable-diffusion.cpp writes its upscaler's name here (and the scale in Hires scale)."""
+    try:
+        return {"hires_scale": float(value)}
+    except ValueError:
+        return hires_upscaler(name, value)
+
+
+def hires_upscaler(name: str, value: str) -> dict:
+    """The upscaler by A1111's name ("Latent (nearest)") or ours ("latent-nearest")."""
+    for key, upscaler in UPSCALERS.items():
+        if value.strip().lower() in (key, upscaler.a1111_name.lower()):
+            return {"hires_upscaler": key}
+    names = ", ".join(upscaler.a1111_name for upscaler in UPSCALERS.values())
+    raise SDError(f"{name}: the image's upscaler {value!r} is not one sd has: it has {names}, or give --hires-upscaler")
+
+
+def hires_resize(name: str, value: str) -> dict:
+    """A1111's hires width and height; 0 stands for a side not given."""
+    sides = size(name, value)
+    return {f"hires_{side}": pixels for side, pixels in sides.items() if pixels}
+
+
 def sampler_settings(name: str | None, schedule: str | None) -> dict:
     """`sampler` and `karras` from A1111's sampler name ("DPM++ 2M Karras", "Euler a", "UniPC"), its 1.9+
     `Schedule type` ("Karras", "Automatic"), or one of our own or stable-diffusion.cpp's ("dpmpp_2m", "dpm++2m")."""
-    if name is None:
+    if name is None or name == SAME_SAMPLER:
         return {}
     plain = re.sub(r"\s+karras$", "", name.strip(), flags=re.IGNORECASE)
     key = SAMPLER_NAMES.get(normalized(plain))
@@ -250,12 +340,22 @@ FIELD_READERS = {
     "Mask blur": lambda name, value: {"mask_blur": whole_number(name, value)},
     "Inpainted": lambda name, value: {"inpainted": value == "yes"},
     "Eta DDIM": lambda name, value: {"eta": decimal(name, value)},
+    "Hires upscale": hires_upscale,
+    "Hires scale": lambda name, value: {"hires_scale": decimal(name, value)},  # stable-diffusion.cpp's
+    "Hires resize": hires_resize,
+    "Hires steps": lambda name, value: {"hires_steps": whole_number(name, value)},
+    "Hires upscaler": hires_upscaler,
 }
+HIRES_SIZE_FIELDS = {"Hires upscale", "Hires scale", "Hires resize"}
 # the infotext fields each setting is read from (width and height: from Size, the two together)
 INFOTEXT_NAMES = {
     "steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "cfg_scale": ("CFG scale",), "seed": ("Seed",),
     "strength": ("Denoising strength",), "mask_blur": ("Mask blur",), "eta": ("Eta DDIM", "Eta"),
+    **{name: tuple(HIRES_SIZE_FIELDS) for name in ("hires_scale", "hires_width", "hires_height")},
+    "hires_upscaler": ("Hires upscaler",), "hires_steps": ("Hires steps",), "hires_strength": ("Denoising strength",),
+    "hires_sampler": ("Hires sampler", "Hires schedule type"),
 }
-READ_APART = {"Sampler", "Schedule type", "Eta"}  # they depend on each other
+READ_APART = {"Sampler", "Schedule type", "Eta", "Hires sampler", "Hires schedule type"}  # they depend on each other
+SAME_SAMPLER = "Use same sampler"  # A1111's Hires sampler when none is chosen
 NOT_SETTINGS = {"Version", "User"}  # about the program or its user, not the image
 SAME_AS_OURS = {("Clip skip", "1"), ("RNG", "CPU")}  # what sd does anyway: no layer skipped, noise drawn on the CPU

@@ -108,6 +108,13 @@ def assert_clean_failure(result, expected: str):
         (["--prompts-file", "comments.txt"], "error: no prompts in comments.txt"),
         (["--prompt", "x", "--outdir", "prompts.txt/images"], "error: cannot create the output folder prompts.txt/images"),
         (["--prompt", "x", "--output", "existing.png"], "error: existing.png exists: pass --overwrite"),
+        (["--prompt", "x", "--hires-scale", "0"], "error: hires scale must be more than 0, got 0.0"),
+        (["--prompt", "x", "--width", "64", "--height", "64", "--hires-scale", "1.3"],
+         "error: hires scale 1.3 makes 64x64 into 83x83, and sizes must be multiples of 8 of at least 64: try hires scale 1.25"),
+        (["--prompt", "x", "--hires-width", "100"], "error: hires width must be a multiple of 8 and at least 64, got 100: try 96"),
+        (["--prompt", "x", "--hires-scale", "2", "--hires-strength", "1.5"], "'--hires-strength': 1.5 is not in the range 0<x<=1"),
+        (["--prompt", "x", "--hires-scale", "2", "--hires-upscaler", "nonsense"], "'--hires-upscaler': 'nonsense' is not one of 'latent'"),
+        (["--prompt", "x", "--hires-scale", "2", "--input", "prompts.txt"], "error: hires fix is text-to-image only"),
     ],
 )
 def test_bad_input_is_refused_before_loading(tmp_path, args, expected):

@@ -63,6 +63,8 @@ def test_info_prints_the_settings_text_and_json_for_scripts():
         "prompt": "a red circle on the left,\nsmall", "negative_prompt": "blurry, text: watermark", "steps": 3,
         "sampler": "dpmpp_2m", "karras": True, "cfg_scale": 6.5, "seed": 77, "width": 64, "height": 64, "strength": None,
         "eta": 0.0, "mask_blur": None, "inpainted": False, "model_hash": "0123456789", "model": "someone-elses",
+        "hires_scale": None, "hires_width": None, "hires_height": None, "hires_upscaler": "latent", "hires_steps": 0,
+        "hires_strength": 0.7, "hires_sampler": None, "hires_karras": False,
     }
     assert described["ignored"] == ["Clip skip", "Lora hashes"]
 

@@ -206,6 +206,19 @@ def test_image_to_image_equals_diffusers(name, karras, steps, strength):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
+def test_a_fixed_number_of_steps_runs_the_end_of_a_longer_schedule(name):
+    # A1111's hires fix: the last 20 steps of a schedule of 28; image-to-image's strength path (equal to diffusers',
+    # above) runs the same steps at a strength whose share of 28 rounds down to 20
+    generator = torch.Generator().manual_seed(0)
+    image_latents, noise = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
+    fixed, shared = ToyModel(), ToyModel()
+    fixed_latents = sample(name, fixed, noise, 20, torch.Generator().manual_seed(2), image_latents, progress=False, schedule_steps=28)
+    shared_latents = sample(name, shared, noise, 28, torch.Generator().manual_seed(2), image_latents, 20.5 / 28, progress=False)
+    assert fixed.timesteps == shared.timesteps
+    assert torch.equal(fixed_latents, shared_latents)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_tiny_strength_still_runs_the_last_step(name):
     # 20 steps at strength 0.01 is no step at all in diffusers' img2img
     model = ToyModel()
