@@ -34,13 +34,17 @@ INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+
 
 class Group(click.Group):
     """Prints a user-fixable problem (SDError) as one line and exits with its code: 2, like a usage error, or 1
-    for an image without settings."""
+    for an image without settings; a bad option (click's usage error) too, as one line, exit 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SDError as error:
             click.echo(f"error: {error}", err=True)
+            ctx.exit(error.exit_code)
+        except click.UsageError as error:
+            help_option = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
+            click.echo(f"error: {error.format_message()}{help_option}", err=True)
             ctx.exit(error.exit_code)
 
 
