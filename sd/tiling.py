@@ -44,12 +44,8 @@ def run_tiled(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         for column, left in enumerate(range(0, width, stride)):
             # (B, C, t, t) -> (B, C', t * scale, t * scale), t or less at the edges
             piece = network(x[..., top : top + tile, left : left + tile])
-            if row > 0:
-                cross_fade(above[column], piece, blend, dim=2)
-            if column > 0:
-                cross_fade(left_edge, piece, blend, dim=3)
-            above[column] = piece[..., -blend:, :].clone()
-            left_edge = piece[..., -blend:].clone()
+            blend_with_neighbours(piece, above.get(column) if row else None, left_edge, blend)
+            above[column], left_edge = piece[..., -blend:, :].clone(), piece[..., -blend:].clone()
             if out is None:
                 # (B, C, H, W) -> (B, C', H * scale, W * scale)
                 out = piece.new_empty(*piece.shape[:2], round(height * scale), round(width * scale))
@@ -60,16 +56,25 @@ def run_tiled(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return out
 
 
+def blend_with_neighbours(piece: torch.Tensor, above: torch.Tensor | None, left: torch.Tensor | None, blend: int) -> None:
+    """Cross-fades a tile's output in place with the kept bands of the (already blended) tiles above it and
+    to its left, in diffusers' order: the one above first."""
+    if above is not None:
+        cross_fade(above, piece, blend, dim=2)
+    if left is not None:
+        cross_fade(left, piece, blend, dim=3)
+
+
 def cross_fade(previous: torch.Tensor, piece: torch.Tensor, blend: int, dim: int) -> None:
     """Blends, in place, the first rows (dim 2) or columns (dim 3) of `piece` with the last ones of
     `previous`, the tile before it along `dim` (or its kept band), over the smaller of `blend` and the two
     tiles' sizes: the weight of `piece` rises from 0 by 1 / extent a row or column."""
     extent = min(previous.shape[dim], piece.shape[dim], blend)
-    # weights computed in float64 and rounded once, as diffusers' Python floats are
-    ramp = torch.arange(extent, dtype=torch.float64, device=piece.device) / extent
+    # weights computed in float64 and rounded once, as diffusers' Python floats are (on the CPU: MPS has no float64)
+    ramp = torch.arange(extent, dtype=torch.float64) / extent
     shape = (extent, 1) if dim == 2 else (extent,)
-    weight = ramp.to(piece.dtype).view(shape)
-    complement = (1 - ramp).to(piece.dtype).view(shape)
+    weight = ramp.to(piece.dtype).to(piece.device).view(shape)
+    complement = (1 - ramp).to(piece.dtype).to(piece.device).view(shape)
     band = piece.narrow(dim, 0, extent)
     band.copy_(previous.narrow(dim, previous.shape[dim] - extent, extent) * complement + band * weight)
 
