@@ -46,3 +46,14 @@ def command_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def vae(safetensors_checkpoint):
+    """diffusers' AutoencoderKL on the random checkpoint's weights, the reference for our VAE."""
+    from reference import reference_vae
+
+    model = reference_vae(safetensors_checkpoint)
+    yield model
+    del model
+    gc.collect()

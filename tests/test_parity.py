@@ -16,7 +16,7 @@ import gc
 
 import pytest
 import torch
-from reference import reference_clip, reference_unet, reference_vae
+from reference import reference_clip, reference_unet
 
 from sd import load_models
 
@@ -47,14 +47,6 @@ def test_unet_matches_diffusers(models, safetensors_checkpoint):
     gc.collect()
     assert_close(actual, expected, "U-Net")
     assert_close(actual_int, expected[:1], "U-Net (int timestep)")
-
-
-@pytest.fixture(scope="module")
-def vae(safetensors_checkpoint):
-    model = reference_vae(safetensors_checkpoint)
-    yield model
-    del model
-    gc.collect()
 
 
 def test_vae_encoder_matches_diffusers(models, vae):

@@ -31,14 +31,13 @@ that argument: the network never runs on more than one tile, and a tile's output
 tile runs.
 """
 
-import gc
 import json
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import _build_on_meta, read_original, reference_vae
+from reference import _build_on_meta, read_original
 from safetensors import safe_open
 from torch import nn
 
@@ -281,14 +280,6 @@ def test_the_scheme_matches_diffusers_at_any_size(stand_in_vae, height, width, t
 
 # The full-size SD 1.5 VAE (random weights), with tiles of 8 latents (64 pixels): at 16 these two tests took
 # 3.5 minutes on a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def vae(safetensors_checkpoint):
-    model = reference_vae(safetensors_checkpoint)
-    yield model
-    del model
-    gc.collect()
 
 
 def test_tiled_decode_matches_diffusers_full_size(models, vae):
