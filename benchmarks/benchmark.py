@@ -323,7 +323,7 @@ def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
     with torch.device("meta"):
         clip, unet, decoder, encoder = CLIP(), UNet(), Decoder(), Encoder()
         for upsample in (module for model in (unet, decoder) for module in model.modules() if isinstance(module, Upsample)):
-            upsample.forward = lambda x, conv=upsample.conv: conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            upsample.forward = lambda x, size=None, conv=upsample.conv: conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
         for size in sizes:
             latents = torch.empty(2, 4, size // 8, size // 8)
             calls = {
