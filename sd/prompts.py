@@ -92,7 +92,7 @@ def read_weight(text: str, position: int) -> float:
     try:
         return float(text)
     except ValueError:
-        raise SDError(f"the prompt's weight {text!r} at character {position + 1} is not a number: write one such as (word:1.2)") from None
+        raise SDError(f"weight {text!r} at character {position + 1} is not a number: write one such as (word:1.2)") from None
 
 
 def split_at_breaks(text: str) -> list[list]:
@@ -162,3 +162,59 @@ class Chunker:
         weights = [1.0, *self.weights] + [1.0] * (padding + 1)
         self.chunks.append((ids, weights))
         self.ids, self.weights, self.last_comma = [], [], -1
+
+
+def encode_prompt(models: dict, text: str, clip_skip: int = 1, emphasis: str = "original", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The context the U-Net attends to, (1, 77k, 768): each of the prompt's k chunks through the text encoder
+    (models["clip"], on its own device; in `dtype`, by default its weights'), emphasis applied, one after another."""
+    if emphasis not in EMPHASIS_MODES:
+        raise SDError(f"unknown emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+    clip = models["clip"]
+    chunks = prompt_chunks(text, emphasis)
+    tokens = torch.tensor([ids for ids, _ in chunks])  # (k, 77)
+    warn_unknown_words(clip, tokens)
+    device = clip.position_embedding.device
+    # (k, 77) -> (k, 77, 768): the chunks are independent, so one batch computes each as if alone
+    vectors = clip(tokens.to(device), dtype, clip_skip=clip_skip)
+    weights = torch.tensor([weights for _, weights in chunks], device=device)  # (k, 77)
+    vectors = apply_emphasis(vectors, weights, emphasis)
+    return vectors.reshape(1, -1, vectors.shape[-1])  # (k, 77, 768) -> (1, 77k, 768)
+
+
+def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) -> torch.Tensor:
+    """Each token's vector (k chunks, 77, 768) times its weight (k, 77), as A1111's emphasis modes do: "original"
+    then scales each chunk back to its mean before the weights (over all its 77 x 768 values, start and padding
+    included), "no-norm" does not; "ignore" and "none" leave the vectors as they are (for "none" the brackets
+    were text). In fp64: the mean of CLIP's vectors is near 0 (their sum cancels), so an fp32 sum of the 59,136
+    values would lose about 1e-5 of the result, depending on the order in which it adds them."""
+    if emphasis in ("ignore", "none"):
+        return vectors
+    plain = vectors.double()
+    weighted = plain * weights[..., None]  # (k, 77, 768) * (k, 77, 1)
+    if emphasis == "original":
+        weighted = weighted * (plain.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    return weighted.to(vectors.dtype)
+
+
+def guidance_context(models: dict, settings: "Settings", num_images: int, guided: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The context of a render, (2B or B, 77k, 768): the negative prompt's B rows first when guided, then the
+    prompt's. Where one of the two has fewer chunks it is padded with the empty prompt's encoding, 77 vectors at a
+    time, so that the U-Net runs both halves in one call (A1111's "Pad conds" option; by default A1111 runs the
+    two halves apart, which gives other images when the lengths differ)."""
+    texts = [settings.negative_prompt] * guided + [settings.prompt]
+    contexts = [encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype) for text in texts]
+    longest = max(context.shape[1] for context in contexts)
+    if any(context.shape[1] < longest for context in contexts):
+        empty = encode_prompt(models, "", settings.clip_skip, settings.emphasis, dtype)  # (1, 77, 768)
+        # (1, 77j, 768) -> (1, 77k, 768)
+        contexts = [torch.cat([context, *[empty] * ((longest - context.shape[1]) // empty.shape[1])], dim=1) for context in contexts]
+    # (1, 77k, 768) each -> (2B or B, 77k, 768)
+    return torch.cat([context.expand(num_images, -1, -1) for context in contexts])
+
+
+def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """A text encoder that keeps only some tokens (the demo model's) reads the others as padding: say which."""
+    unknown = clip.unknown_tokens(tokens)
+    if unknown:
+        words = load_clip_tokenizer().convert_ids_to_tokens(unknown)
+        log.warning("the model does not know these words and ignores them: %s", ", ".join(word.removesuffix("</w>") for word in words))

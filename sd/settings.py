@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .errors import SDError
 from .model_loader import LATENT_FACTOR
+from .prompts import EMPHASIS_MODES, parse_prompt
 from .samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .schedule import SD15, check_steps
 
@@ -31,6 +32,7 @@ MAX_SEED = 2**32 - 1
 # generate() keeps DDPM in 50, the reference the parity tests compare with)
 COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
 DEFAULT_MASK_BLUR = 4
+MAX_CLIP_SKIP = 12  # SD 1.5's text encoder has 12 layers
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Settings:
     strength: float | None = None  # image-to-image; None: 0.8, or 1 when an inpainting checkpoint repaints a mask
     eta: float = 0.0  # ddim only
     mask_blur: int | None = None  # inpainting with an ordinary checkpoint; None: DEFAULT_MASK_BLUR
+    clip_skip: int = 1  # the text encoder's layer read, counted from the end (sd/clip.py)
+    emphasis: str = "original"  # how the prompt's weights apply: a key of sd.prompts.EMPHASIS_MODES
     # recorded with an image, not chosen: a mask repainted part of the input; the checkpoint
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
@@ -69,6 +73,16 @@ class Settings:
                 raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise SDError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}: or leave it out for a random one")
+        if not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise SDError(f"clip skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}: 1 reads the last layer, 2 the one before (some fine-tunes want it)")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise SDError(f"unknown emphasis {self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+        if self.emphasis != "none":
+            for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+                try:
+                    parse_prompt(text)  # a bad weight is refused before anything loads
+                except SDError as error:
+                    raise SDError(f"{name}: {error}") from None
         if self.mask_blur is not None and self.mask_blur < 0:
             raise SDError(f"mask blur must be 0 or more pixels, got {self.mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
 

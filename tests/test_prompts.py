@@ -5,10 +5,15 @@ its code (shared reference a1111-formats.md, sections 1 and 2); the others are o
 rules. Weights are compared exactly (==): they are products of the same floats in the same order as A1111's.
 """
 
-import pytest
+import gc
 
+import pytest
+import torch
+
+from sd import Settings, generate, load_models
 from sd.errors import SDError
-from sd.prompts import parse_prompt, prompt_chunks
+from sd.pipeline import DEMO_CHECKPOINT
+from sd.prompts import encode_prompt, guidance_context, parse_prompt, prompt_chunks
 from sd.tokenizer import load_clip_tokenizer
 
 PARSE_CASES = {
@@ -112,3 +117,101 @@ def test_prompt_chunks(text, expected):
 def test_emphasis_none_reads_the_prompt_as_plain_text(text):
     tokens = load_clip_tokenizer()(text, add_special_tokens=False).input_ids
     assert prompt_chunks(text, emphasis="none") == [chunk(tokens)]
+
+
+# Encoding on the random full-size checkpoint, against transformers' CLIPTextModel on the same weights.
+#
+# The rule, computed here as A1111 states it: each chunk through CLIP on its own (a batch of one); clip skip n
+# reads hidden_states[-n] through the final layer norm (n = 1: last_hidden_state); then each token's vector times
+# its weight and, for "original", the chunk times (its mean before / its mean after); the chunks one after another.
+# Tolerance: max |ours - rule| <= 1e-5 * max |rule|, fp32 on both sides. The two differ only in the order of
+# their sums (fused q/k/v, our chunks in one batch); through 12 layers that is about 1e-6 of the output's scale,
+# while a wrong layer, a mean over the wrong axes or a weight on the wrong token changes it by 1e-3 or more.
+RELATIVE_TOLERANCE = 1e-5
+# 2 chunks, of 56 and 21 tokens: the 75-token cut falls 19 tokens after the comma that ends the first
+WEIGHTED_PROMPT = ", ".join([
+    "(masterpiece, best quality:1.2), a (red:1.3) house on [a hill] " + words("lake", 20),
+    words("tree", 20) + " (((sky)))",
+    "[[blurry]], " + words("cloud", 20) + " (sun:0.5)",
+])
+
+
+@pytest.fixture(scope="module")
+def reference_hidden_states(safetensors_checkpoint):
+    """transformers' CLIP outputs for each chunk of WEIGHTED_PROMPT, and its final layer norm."""
+    from reference import reference_clip
+
+    clip = reference_clip(safetensors_checkpoint)
+    with torch.no_grad():
+        outputs = [clip(input_ids=torch.tensor([ids]), output_hidden_states=True) for ids, _ in prompt_chunks(WEIGHTED_PROMPT)]
+    yield outputs, clip.final_layer_norm
+    del clip
+    gc.collect()
+
+
+def a1111_rule(outputs, final_layer_norm, clip_skip: int, emphasis: str) -> torch.Tensor:
+    encoded = []
+    with torch.no_grad():
+        for output, (_, weights) in zip(outputs, prompt_chunks(WEIGHTED_PROMPT)):
+            z = output.last_hidden_state if clip_skip == 1 else final_layer_norm(output.hidden_states[-clip_skip])  # (1, 77, 768)
+            if emphasis in ("original", "no-norm"):
+                z = z.double()  # the means exactly: see sd.prompts.apply_emphasis
+                weighted = z * torch.tensor(weights, dtype=torch.float64)[None, :, None]
+                z = weighted * (z.mean() / weighted.mean()) if emphasis == "original" else weighted
+            encoded.append(z)
+    return torch.cat(encoded, dim=1).float()
+
+
+@pytest.mark.parametrize("clip_skip, emphasis", [(1, "original"), (1, "no-norm"), (1, "ignore"), (2, "original"), (3, "original")])
+def test_encode_prompt_equals_a1111s_rule_on_transformers_clip(models, reference_hidden_states, clip_skip, emphasis):
+    assert [ids.count(EOS) for ids, _ in prompt_chunks(WEIGHTED_PROMPT)] == [77 - 57, 77 - 22]
+    expected = a1111_rule(*reference_hidden_states, clip_skip, emphasis)
+    with torch.inference_mode():
+        actual = encode_prompt(models, WEIGHTED_PROMPT, clip_skip=clip_skip, emphasis=emphasis)
+    assert actual.shape == expected.shape == (1, 154, 768)
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    print(f"clip skip {clip_skip}, {emphasis}: max abs diff {error:.3g}, ratio {error / scale:.3g}")
+    assert error <= RELATIVE_TOLERANCE * scale
+
+
+# The render's context, on the demo model (its text encoder is small: these need no lock)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_models(DEMO_CHECKPOINT)
+
+
+def test_the_shorter_prompt_is_padded_with_the_empty_prompts_encoding(demo):
+    settings = Settings("a red circle BREAK on the left", negative_prompt="(blue:1.4) square", clip_skip=2, emphasis="no-norm")
+    with torch.inference_mode():
+        context = guidance_context(demo, settings, num_images=2, guided=True)
+        prompt, negative, empty = (encode_prompt(demo, text, clip_skip=2, emphasis="no-norm") for text in (settings.prompt, settings.negative_prompt, ""))
+    assert prompt.shape[1] == 154 and negative.shape[1] == empty.shape[1] == 77
+    assert torch.equal(context, torch.cat([torch.cat([negative, empty], dim=1)] * 2 + [prompt] * 2))
+
+
+@pytest.mark.parametrize("prompt, negative, guided, length", [
+    ("a red circle", "blue square", True, 77),
+    ("a red circle BREAK left", "", False, 154),  # unguided: the negative prompt is not read
+    ("a red circle BREAK left", "a BREAK b BREAK c", True, 231),
+])
+def test_the_context_is_as_long_as_the_longer_prompt(demo, prompt, negative, guided, length):
+    with torch.inference_mode():
+        context = guidance_context(demo, Settings(prompt, negative_prompt=negative), 1, guided)
+        alone = encode_prompt(demo, prompt)
+    assert context.shape[:2] == (1 + guided, length)
+    assert torch.equal(context[-1, : alone.shape[1]], alone[0])
+
+
+def test_generate_reads_long_weighted_prompts(demo):
+    prompt = "(a red circle:1.2) on the left, " + words("[red]", 80)  # 2 chunks
+    image, = generate(prompt, models=demo, steps=2, seed=0, clip_skip=2, emphasis="no-norm", progress=False)
+    assert image.size == (64, 64)
+    assert (image.info["sd"].prompt, image.info["sd"].clip_skip, image.info["sd"].emphasis) == (prompt, 2, "no-norm")
+
+
+def test_clip_skip_beyond_the_text_encoders_layers_is_refused(demo):
+    with pytest.raises(SDError, match="clip skip must be between 1 and 2"):
+        encode_prompt(demo, "a red circle", clip_skip=3)
