@@ -88,6 +88,7 @@ class Settings:
 
     def to_infotext(self) -> str:
         """The settings as A1111 writes them into an image (see the module's docstring)."""
+        has_brackets = any(mark in text for text in (self.prompt, self.negative_prompt) for mark in "([")
         line = {
             "Steps": self.steps,
             "Sampler": display_name(self.sampler, self.karras),
@@ -97,10 +98,13 @@ class Settings:
             "Model hash": self.model_hash,
             "Model": self.model,
             "Denoising strength": number(self.strength),
+            "Clip skip": self.clip_skip if self.clip_skip >= 2 else None,
             # A1111's extra fields, after its fixed ones, in the order it adds them
             "Mask blur": self.mask_blur,
             "Inpainted": "yes" if self.inpainted else None,
             "Eta DDIM": number(self.eta) if self.eta else None,
+            # as A1111: only where the mode makes a difference to brackets
+            "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
         }
         lines = [self.prompt]
         if self.negative_prompt:
@@ -227,6 +231,14 @@ def size(name: str, value: str) -> dict[str, int]:
     return {"width": whole_number(name, match[1]), "height": whole_number(name, match[2])}
 
 
+def emphasis_mode(name: str, value: str) -> str:
+    """Ours from A1111's name of an emphasis mode ("No norm" -> "no-norm")."""
+    modes = {a1111.lower(): ours for ours, a1111 in EMPHASIS_MODES.items()}
+    if value.strip().lower() not in modes:
+        raise SDError(f"{name}: {value!r} in the image's settings is not an emphasis mode: {', '.join(EMPHASIS_MODES.values())}")
+    return modes[value.strip().lower()]
+
+
 def sampler_settings(name: str | None, schedule: str | None) -> dict:
     """`sampler` and `karras` from A1111's sampler name ("DPM++ 2M Karras", "Euler a", "UniPC"), its 1.9+
     `Schedule type` ("Karras", "Automatic"), or one of our own or stable-diffusion.cpp's ("dpmpp_2m", "dpm++2m")."""
@@ -264,12 +276,15 @@ FIELD_READERS = {
     "Mask blur": lambda name, value: {"mask_blur": whole_number(name, value)},
     "Inpainted": lambda name, value: {"inpainted": value == "yes"},
     "Eta DDIM": lambda name, value: {"eta": decimal(name, value)},
+    "Clip skip": lambda name, value: {"clip_skip": whole_number(name, value)},
+    "Emphasis": lambda name, value: {"emphasis": emphasis_mode(name, value)},
 }
 # the infotext fields each setting is read from (width and height: from Size, the two together)
 INFOTEXT_NAMES = {
     "steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "cfg_scale": ("CFG scale",), "seed": ("Seed",),
     "strength": ("Denoising strength",), "mask_blur": ("Mask blur",), "eta": ("Eta DDIM", "Eta"),
+    "clip_skip": ("Clip skip",), "emphasis": ("Emphasis",),
 }
 READ_APART = {"Sampler", "Schedule type", "Eta"}  # they depend on each other
 NOT_SETTINGS = {"Version", "User"}  # about the program or its user, not the image
-SAME_AS_OURS = {("Clip skip", "1"), ("RNG", "CPU")}  # what sd does anyway: no layer skipped, noise drawn on the CPU
+SAME_AS_OURS = {("RNG", "CPU")}  # what sd does anyway: noise drawn on the CPU

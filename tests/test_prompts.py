@@ -6,9 +6,13 @@ rules. Weights are compared exactly (==): they are products of the same floats i
 """
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
+
+import cli
 
 from sd import Settings, generate, load_models
 from sd.errors import SDError
@@ -215,3 +219,44 @@ def test_generate_reads_long_weighted_prompts(demo):
 def test_clip_skip_beyond_the_text_encoders_layers_is_refused(demo):
     with pytest.raises(SDError, match="clip skip must be between 1 and 2"):
         encode_prompt(demo, "a red circle", clip_skip=3)
+
+
+# Settings, infotext, command
+
+INFOTEXT_CASES = [
+    # (settings, fields written): Clip skip from 2 on; Emphasis where it is not Original and a prompt has brackets
+    (Settings("a cat"), []),
+    (Settings("a cat", clip_skip=2), ["Clip skip: 2"]),
+    (Settings("a (cat)", emphasis="no-norm"), ["Emphasis: No norm"]),
+    (Settings("a cat", negative_prompt="[dog]", emphasis="ignore", clip_skip=3), ["Clip skip: 3", "Emphasis: Ignore"]),
+    (Settings("a (cat", emphasis="none"), ["Emphasis: None"]),
+    (Settings("a cat", emphasis="no-norm"), []),  # no brackets: the same image as Original
+]
+
+
+@pytest.mark.parametrize("settings, fields", INFOTEXT_CASES)
+def test_clip_skip_and_emphasis_in_the_infotext(settings, fields):
+    text = settings.to_infotext()
+    assert [field for field in text.split("\n")[-1].split(", ") if field.startswith(("Clip skip", "Emphasis"))] == fields
+    assert text.split("\n")[0] == settings.prompt  # as written
+    read = Settings.from_infotext(text)
+    assert (read.clip_skip, read.emphasis) == (settings.clip_skip, settings.emphasis if fields and "Emphasis" in fields[-1] else "original")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompt", "(a:1.2.3)"], "error: prompt: weight '1.2.3' at character 4 is not a number"),
+    (["--prompt", "a", "--negative-prompt", "x (b: 1.2.3)"], "error: negative prompt: weight '1.2.3' at character 7 is not a number"),
+    (["--prompt", "a", "--clip-skip", "13"], "'--clip-skip': 13 is not in the range 1<=x<=12"),
+    (["--prompt", "a", "--emphasis", "strong"], "'--emphasis': 'strong' is not one of"),
+])
+def test_bad_prompts_are_one_line_exit_2_before_loading(tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    Path("not-a-checkpoint.safetensors").write_bytes(b"\0" * 100)
+    result = CliRunner().invoke(cli.main, ["generate", *args, "--checkpoint", "not-a-checkpoint.safetensors"])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 or "Usage" in result.output
+
+
+def test_a_prompt_with_emphasis_none_is_not_parsed():
+    assert Settings("(a:1.2.3)", emphasis="none").prompt == "(a:1.2.3)"
