@@ -26,7 +26,8 @@ from sd.model_loader import image_size
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
-from sd.settings import COMMAND_DEFAULTS, MAX_SEED, Infotext, Settings, read_infotext, split_infotext
+from sd.prompts import EMPHASIS_MODES
+from sd.settings import COMMAND_DEFAULTS, MAX_CLIP_SKIP, MAX_SEED, Infotext, Settings, read_infotext, split_infotext
 
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
@@ -68,7 +69,7 @@ def yes_no(text: str) -> bool:
 # the settings an X/Y plot can vary, by the names --xy takes (the options' names) -> how a value is read
 AXES = {
     "prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "karras": yes_no, "cfg": float, "seed": int,
-    "width": int, "height": int, "strength": float, "eta": float, "mask_blur": int,
+    "width": int, "height": int, "strength": float, "eta": float, "mask_blur": int, "clip_skip": int, "emphasis": str,
     "hires_scale": float, "hires_upscaler": str, "hires_steps": int, "hires_strength": float, "hires_sampler": str,
 }
 
@@ -113,6 +114,11 @@ class Job:
                    "Default: on for dpmpp_2m (AUTOMATIC1111's DPM++ 2M Karras), off for the others.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="ddim only: the share of fresh noise in each step (0 deterministic, 1 as much as DDPM).")
+@click.option("--clip-skip", type=click.IntRange(1, MAX_CLIP_SKIP), default=1, show_default=True,
+              help="Read the text encoder's n-th layer from the end (AUTOMATIC1111's Clip skip): 2 for fine-tunes trained so.")
+@click.option("--emphasis", type=click.Choice(list(EMPHASIS_MODES)), default="original", show_default=True,
+              help="How (word:1.2) and [word] weigh words, as AUTOMATIC1111: original (weights, then the mean restored), "
+                   "no-norm (weights only), ignore (brackets dropped, no weights), none (brackets are text).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
@@ -163,9 +169,9 @@ class Job:
               help='An X/Y plot: every combination of two settings\' values, e.g. --xy "cfg=3,7.5,12" "steps=10,20", with one '
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
-def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, input_path,
-                     strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height, hires_upscaler, hires_steps,
-                     hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
+def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
+                     emphasis, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
+                     hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
                      overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
@@ -174,9 +180,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     """
     # Everything cheap is checked before the models load, so a mistake costs no waiting.
     options = dict(negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg, seed=seed,
-                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur, hires_scale=hires_scale,
-                   hires_width=hires_width, hires_height=hires_height, hires_upscaler=hires_upscaler, hires_steps=hires_steps,
-                   hires_strength=hires_strength, hires_sampler=hires_sampler)
+                   width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur, clip_skip=clip_skip,
+                   emphasis=emphasis, hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
+                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength, hires_sampler=hires_sampler)
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)

@@ -3,6 +3,7 @@
 from .errors import SDError
 from .model_loader import load_models
 from .pipeline import generate
+from .prompts import encode_prompt, parse_prompt, prompt_chunks
 from .settings import Settings
 
-__all__ = ["SDError", "Settings", "generate", "load_models"]
+__all__ = ["SDError", "Settings", "generate", "encode_prompt", "load_models", "parse_prompt", "prompt_chunks"]

@@ -19,9 +19,9 @@ from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
+from .prompts import guidance_context
 from .samplers import KnownRegion, sample
 from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
-from .tokenizer import encode, load_clip_tokenizer
 
 log = logging.getLogger("sd")
 
@@ -127,12 +127,9 @@ def generate(
     with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
-        prompts = [settings.negative_prompt] * num_images * guided + [settings.prompt] * num_images
-        tokens = encode(prompts)
-        warn_unknown_words(models["clip"], tokens)
-        with on_device(models["clip"], device, idle_device) as clip:
-            # (2B or B, 77) -> (2B or B, 77, 768)
-            context = clip(tokens.to(device), dtype)
+        with on_device(models["clip"], device, idle_device):
+            # (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
+            context = guidance_context(models, settings, num_images, guided, dtype)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
@@ -302,14 +299,6 @@ def image_dimensions(width: int | None, height: int | None, models: dict | None,
         return width, height
     side = models["diffusion"].config.sample_size * LATENT_FACTOR if models is not None else image_size(checkpoint)
     return width or side, height or side
-
-
-def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor) -> None:
-    """A text encoder that keeps only some tokens (the demo model's) reads the others as padding: say which."""
-    unknown = clip.unknown_tokens(tokens)
-    if unknown:
-        words = load_clip_tokenizer().convert_ids_to_tokens(unknown)
-        log.warning("the model does not know these words and ignores them: %s", ", ".join(word.removesuffix("</w>") for word in words))
 
 
 def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:

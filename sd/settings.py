@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
 from .model_loader import LATENT_FACTOR
+from .prompts import EMPHASIS_MODES, parse_prompt
 from .samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .schedule import SD15, check_steps
 
@@ -34,6 +35,7 @@ MAX_SEED = 2**32 - 1
 # generate() keeps DDPM in 50, the reference the parity tests compare with)
 COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
 DEFAULT_MASK_BLUR = 4
+MAX_CLIP_SKIP = 12  # SD 1.5's text encoder has 12 layers
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Settings:
     strength: float | None = None  # image-to-image; None: 0.8, or 1 when an inpainting checkpoint repaints a mask
     eta: float = 0.0  # ddim only
     mask_blur: int | None = None  # inpainting with an ordinary checkpoint; None: DEFAULT_MASK_BLUR
+    clip_skip: int = 1  # the text encoder's layer read, counted from the end (sd/clip.py)
+    emphasis: str = "original"  # how the prompt's weights apply: a key of sd.prompts.EMPHASIS_MODES
     # recorded with an image, not chosen: a mask repainted part of the input; the checkpoint
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
@@ -85,6 +89,16 @@ class Settings:
                 raise SDError(f"{name} must be a multiple of 8 and at least 64, got {size}: try {fit}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise SDError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}: or leave it out for a random one")
+        if not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise SDError(f"clip skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}: 1 reads the last layer, 2 the one before (some fine-tunes want it)")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise SDError(f"unknown emphasis {self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+        if self.emphasis != "none":
+            for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+                try:
+                    parse_prompt(text)  # a bad weight is refused before anything loads
+                except SDError as error:
+                    raise SDError(f"{name}: {error}") from None
         if self.mask_blur is not None and self.mask_blur < 0:
             raise SDError(f"mask blur must be 0 or more pixels, got {self.mask_blur}: 4 is usual, 0 pastes the original back with a hard edge")
         self.check_hires()
@@ -123,6 +137,7 @@ class Settings:
 
     def to_infotext(self) -> str:
         """The settings as A1111 writes them into an image (see the module's docstring)."""
+        has_brackets = any(mark in text for text in (self.prompt, self.negative_prompt) for mark in "([")
         line = {
             "Steps": self.steps,
             "Sampler": display_name(self.sampler, self.karras),
@@ -132,11 +147,14 @@ class Settings:
             "Model hash": self.model_hash,
             "Model": self.model,
             "Denoising strength": number(self.hires_strength if self.hires else self.strength),
+            "Clip skip": self.clip_skip if self.clip_skip >= 2 else None,
             # A1111's extra fields, after its fixed ones, in the order it adds them
             "Mask blur": self.mask_blur,
             "Inpainted": "yes" if self.inpainted else None,
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
+            # as A1111: only where the mode makes a difference to brackets
+            "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
         }
         lines = [self.prompt]
         if self.negative_prompt:
@@ -303,6 +321,14 @@ def hires_resize(name: str, value: str) -> dict:
     return {f"hires_{side}": pixels for side, pixels in sides.items() if pixels}
 
 
+def emphasis_mode(name: str, value: str) -> str:
+    """Ours from A1111's name of an emphasis mode ("No norm" -> "no-norm")."""
+    modes = {a1111.lower(): ours for ours, a1111 in EMPHASIS_MODES.items()}
+    if value.strip().lower() not in modes:
+        raise SDError(f"{name}: {value!r} in the image's settings is not an emphasis mode: {', '.join(EMPHASIS_MODES.values())}")
+    return modes[value.strip().lower()]
+
+
 def sampler_settings(name: str | None, schedule: str | None) -> dict:
     """`sampler` and `karras` from A1111's sampler name ("DPM++ 2M Karras", "Euler a", "UniPC"), its 1.9+
     `Schedule type` ("Karras", "Automatic"), or one of our own or stable-diffusion.cpp's ("dpmpp_2m", "dpm++2m")."""
@@ -345,6 +371,8 @@ FIELD_READERS = {
     "Hires resize": hires_resize,
     "Hires steps": lambda name, value: {"hires_steps": whole_number(name, value)},
     "Hires upscaler": hires_upscaler,
+    "Clip skip": lambda name, value: {"clip_skip": whole_number(name, value)},
+    "Emphasis": lambda name, value: {"emphasis": emphasis_mode(name, value)},
 }
 HIRES_SIZE_FIELDS = {"Hires upscale", "Hires scale", "Hires resize"}
 # the infotext fields each setting is read from (width and height: from Size, the two together)
@@ -354,8 +382,9 @@ INFOTEXT_NAMES = {
     **{name: tuple(HIRES_SIZE_FIELDS) for name in ("hires_scale", "hires_width", "hires_height")},
     "hires_upscaler": ("Hires upscaler",), "hires_steps": ("Hires steps",), "hires_strength": ("Denoising strength",),
     "hires_sampler": ("Hires sampler", "Hires schedule type"),
+    "clip_skip": ("Clip skip",), "emphasis": ("Emphasis",),
 }
 READ_APART = {"Sampler", "Schedule type", "Eta", "Hires sampler", "Hires schedule type"}  # they depend on each other
 SAME_SAMPLER = "Use same sampler"  # A1111's Hires sampler when none is chosen
 NOT_SETTINGS = {"Version", "User"}  # about the program or its user, not the image
-SAME_AS_OURS = {("Clip skip", "1"), ("RNG", "CPU")}  # what sd does anyway: no layer skipped, noise drawn on the CPU
+SAME_AS_OURS = {("RNG", "CPU")}  # what sd does anyway: noise drawn on the CPU

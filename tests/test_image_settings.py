@@ -62,11 +62,12 @@ def test_info_prints_the_settings_text_and_json_for_scripts():
     assert described["settings"] == {
         "prompt": "a red circle on the left,\nsmall", "negative_prompt": "blurry, text: watermark", "steps": 3,
         "sampler": "dpmpp_2m", "karras": True, "cfg_scale": 6.5, "seed": 77, "width": 64, "height": 64, "strength": None,
-        "eta": 0.0, "mask_blur": None, "inpainted": False, "model_hash": "0123456789", "model": "someone-elses",
+        "eta": 0.0, "mask_blur": None, "clip_skip": 2, "emphasis": "original", "inpainted": False,
+        "model_hash": "0123456789", "model": "someone-elses",
         "hires_scale": None, "hires_width": None, "hires_height": None, "hires_upscaler": "latent", "hires_steps": 0,
         "hires_strength": 0.7, "hires_sampler": None, "hires_karras": False,
     }
-    assert described["ignored"] == ["Clip skip", "Lora hashes"]
+    assert described["ignored"] == ["Lora hashes"]
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".webp"])
@@ -148,11 +149,12 @@ def test_generate_from_an_a1111_image_warns_of_the_model_and_of_what_it_ignores(
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, result.stderr
-    assert warnings[0] == "warning: ignored from a1111.png: Clip skip, Lora hashes (sd has no such settings)"
+    assert warnings[0] == "warning: ignored from a1111.png: Lora hashes (sd has no such settings)"
     assert warnings[1].startswith("warning: a1111.png was made with model hash 0123456789 (someone-elses), not this checkpoint's")
     written = Settings.from_infotext(Image.open("out.png").text["parameters"])
     assert written == Settings("a red circle on the left,\nsmall", "blurry, text: watermark", steps=3, sampler="dpmpp_2m", karras=True,
-                               cfg_scale=6.5, seed=77, width=64, height=64, model_hash=written.model_hash, model="sd-demo")
+                               cfg_scale=6.5, seed=77, width=64, height=64, model_hash=written.model_hash, model="sd-demo",
+                               clip_skip=2)
     # a sampler sd does not have is no obstacle when the command line names one
     png_with("sde.png", parameters="a cat\nSteps: 3, Sampler: DPM++ SDE Karras, Seed: 1, Size: 64x64")
     result = sd("generate", "--from", "sde.png", "--sampler", "euler", "--checkpoint", "demo", "--output", "euler.png")

@@ -62,14 +62,16 @@ def test_an_a1111_infotext_gives_its_settings_and_names_what_sd_ignores():
         "masterpiece, best quality, (a cat:1.2) sitting on a mat,\nwindow light",
         "lowres, bad anatomy, text: watermark, (worst quality:1.4)", steps=30, sampler="dpmpp_2m", karras=True,
         cfg_scale=6.5, seed=3141592653, width=512, height=768, model_hash="6ce0161689", model="v1-5-pruned-emaonly",
+        clip_skip=2,
     )
-    assert infotext.ignored == ["Clip skip", "Lora hashes"]  # Version is about the program, not the image
+    assert infotext.ignored == ["Lora hashes"]  # Version is about the program, not the image
     assert infotext.fields["Lora hashes"] == "add_detail: 7c6bad76eb54, film: 1c2d3e4f5a6b"
 
 
 def test_older_a1111_and_stable_diffusion_cpp_infotexts():
     old = read_infotext("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, Clip skip: 1, ENSD: 31337")
-    assert (old.settings.sampler, old.settings.karras, old.ignored) == ("euler_a", False, ["ENSD"])  # Clip skip 1 is what sd does
+    assert (old.settings.sampler, old.settings.karras, old.ignored) == ("euler_a", False, ["ENSD"])
+    assert old.settings.clip_skip == 1
     sd_cpp = read_infotext("a cat\nNegative prompt: ugly\nSteps: 20, CFG scale: 7.000000, Seed: 42, Size: 512x512, "
                            "Sampler: dpm++2m, Denoising strength: 0.750000, Version: stable-diffusion.cpp")
     assert sd_cpp.settings == Settings("a cat", "ugly", steps=20, sampler="dpmpp_2m", cfg_scale=7.0, seed=42, width=512, height=512, strength=0.75)
