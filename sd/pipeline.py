@@ -1,5 +1,6 @@
 """`generate()`: text (and optionally an image) in, images out."""
 
+import itertools
 import logging
 import os
 import random
@@ -19,8 +20,9 @@ from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
-from .prompts import guidance_context
-from .samplers import KnownRegion, sample
+from .prompt_schedule import Timeline
+from .prompts import ContextSchedule, guidance_contexts
+from .samplers import KnownRegion, sample, total_steps
 from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 
 log = logging.getLogger("sd")
@@ -128,8 +130,8 @@ def generate(
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
         with on_device(models["clip"], device, idle_device):
-            # (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
-            context = guidance_context(models, settings, num_images, guided, dtype)
+            # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
+            contexts = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
@@ -141,12 +143,12 @@ def generate(
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         with on_device(models["diffusion"], device, idle_device) as unet:
-            predict_noise = noise_predictor(unet, context, conditioning, cfg_scale, dtype)
+            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, context, device, idle_device, (dtype, vae), progress, tiled)
+            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -163,12 +165,25 @@ def generate(
     return images
 
 
-def noise_predictor(unet: torch.nn.Module, context: torch.Tensor, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype):
+def pass_timelines(settings: Settings) -> list[Timeline]:
+    """How each sampling pass counts steps for prompt editing: the first pass's (image-to-image counts all of
+    `steps`, though it runs fewer, as A1111 counts them), and hires fix's second pass's, counted on from it."""
+    first = Timeline(total_steps(settings.sampler, settings.steps))
+    if not settings.hires:
+        return [first]
+    hires_steps = total_steps(settings.hires_sampler or settings.sampler, settings.hires_steps or settings.steps)
+    return [first, Timeline(hires_steps, step_offset=first.steps, fraction_offset=1.0)]
+
+
+def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype):
     """The U-Net's noise prediction for latents at a timestep, with classifier-free guidance unless cfg_scale is
-    1 (then `context` holds the prompts alone), and an inpainting checkpoint's `conditioning` beside the latents."""
+    1 (then the contexts hold the prompts alone), and an inpainting checkpoint's `conditioning` beside the
+    latents. Each call takes the context of its count from 0, as prompt editing schedules it."""
     guided = cfg_scale != 1.0
+    calls = itertools.count()
 
     def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
+        context = contexts(next(calls))
         if conditioning is not None:
             x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
         # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
@@ -181,10 +196,10 @@ def noise_predictor(unet: torch.nn.Module, context: torch.Tensor, conditioning: 
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, context: torch.Tensor, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
-    afresh from the same seed at the new size, and redrawn by image-to-image with the same prompt encodings
-    `context`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
+    afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
+    `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
     `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
     (B, 4, H/8, W/8)."""
     dtype, vae = dtypes
@@ -205,7 +220,7 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
     with on_device(models["diffusion"], device, idle_device) as unet:
-        predict_noise = noise_predictor(unet, context, conditioning, settings.cfg_scale, dtype)
+        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import SDError
+from .prompt_schedule import Timeline, prompt_schedule
 from .tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 
 if TYPE_CHECKING:
@@ -196,20 +197,52 @@ def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) 
     return weighted.to(vectors.dtype)
 
 
-def guidance_context(models: dict, settings: "Settings", num_images: int, guided: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The context of a render, (2B or B, 77k, 768): the negative prompt's B rows first when guided, then the
-    prompt's. Where one of the two has fewer chunks it is padded with the empty prompt's encoding, 77 vectors at a
-    time, so that the U-Net runs both halves in one call (A1111's "Pad conds" option; by default A1111 runs the
-    two halves apart, which gives other images when the lengths differ)."""
+def guidance_contexts(models: dict, settings: "Settings", num_images: int, guided: bool, timelines: list[Timeline], dtype: torch.dtype | None = None) -> list["ContextSchedule"]:
+    """The context of each sampling pass (one Timeline each: hires fix has two), as the prompt and negative
+    prompt read at each of its steps (sd/prompt_schedule.py); each distinct text is encoded once, now, while
+    the text encoder is loaded."""
     texts = [settings.negative_prompt] * guided + [settings.prompt]
-    contexts = [encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype) for text in texts]
-    longest = max(context.shape[1] for context in contexts)
-    if any(context.shape[1] < longest for context in contexts):
-        empty = encode_prompt(models, "", settings.clip_skip, settings.emphasis, dtype)  # (1, 77, 768)
+    encodings: dict[str, torch.Tensor] = {}
+
+    def encode(text: str) -> torch.Tensor:  # (1, 77k, 768)
+        if text not in encodings:
+            encodings[text] = encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype)
+        return encodings[text]
+
+    passes = [[[(end, encode(text)) for end, text in prompt_schedule(text, timeline)] for text in texts] for timeline in timelines]
+    lengths = {encoding.shape[1] for encoding in encodings.values()}
+    empty = encode("") if len(lengths) > 1 else None
+    return [ContextSchedule(schedules, empty, num_images) for schedules in passes]
+
+
+class ContextSchedule:
+    """The context at each U-Net call of a sampling pass, (2B or B, 77k, 768): the negative prompt's B rows first
+    when guided, then the prompt's. Where one of the two has fewer chunks it is padded with the empty prompt's
+    encoding, 77 vectors at a time, so that the U-Net runs both halves in one call (A1111's "Pad conds" option;
+    by default A1111 runs the two halves apart, which gives other images when the lengths differ)."""
+
+    def __init__(self, schedules: list[list[tuple[int, torch.Tensor]]], empty: torch.Tensor | None, num_images: int):
+        self.schedules, self.empty, self.num_images = schedules, empty, num_images
+        self.last: tuple[tuple, torch.Tensor] | None = None  # the chosen encodings' ids and their context
+
+    def __call__(self, call: int) -> torch.Tensor:
+        """The context of U-Net call `call` (from 0): each half's first text whose last step is at least `call`."""
+        halves = [next((encoding for end, encoding in schedule if call <= end), schedule[-1][1]) for schedule in self.schedules]
+        key = tuple(map(id, halves))
+        if self.last is None or self.last[0] != key:
+            self.last = key, self.combine(halves)
+        return self.last[1]
+
+    def combine(self, halves: list[torch.Tensor]) -> torch.Tensor:
+        longest = max(half.shape[1] for half in halves)
         # (1, 77j, 768) -> (1, 77k, 768)
-        contexts = [torch.cat([context, *[empty] * ((longest - context.shape[1]) // empty.shape[1])], dim=1) for context in contexts]
-    # (1, 77k, 768) each -> (2B or B, 77k, 768)
-    return torch.cat([context.expand(num_images, -1, -1) for context in contexts])
+        halves = [half if half.shape[1] == longest else self.padded(half, longest) for half in halves]
+        # (1, 77k, 768) each -> (2B or B, 77k, 768)
+        return torch.cat([half.expand(self.num_images, -1, -1) for half in halves])
+
+    def padded(self, encoding: torch.Tensor, length: int) -> torch.Tensor:
+        """(1, 77j, 768) -> (1, length, 768) with the empty prompt's encoding."""
+        return torch.cat([encoding, *[self.empty] * ((length - encoding.shape[1]) // self.empty.shape[1])], dim=1)
 
 
 def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor) -> None:

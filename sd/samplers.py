@@ -46,6 +46,7 @@ class TimestepSampler:
     a1111_name: str
     final_timestep: int  # where the last step lands: -1, the clean image, or 0, the least noise trained on
     stochastic: bool = False  # draws fresh noise as it goes
+    second_order = False
 
     def __call__(self, predict_noise, noise, timesteps, image_latents, known=None, **options) -> torch.Tensor:
         alpha_bars = torch.stack([SD15.alpha_bar(t) for t in [*timesteps.tolist(), self.final_timestep]])  # (n + 1,)
@@ -69,6 +70,7 @@ class SigmaSampler:
     stochastic: bool = False  # draws fresh noise as it goes
     # A1111's "Automatic" schedule type for the sampler (since its 1.9), and what the command uses unless told
     karras_by_default: bool = False
+    second_order: bool = False  # two U-Net calls a step
 
     def __call__(self, predict_noise, noise, schedule, image_latents, known=None, **options) -> torch.Tensor:
         sigma = schedule.sigmas[0]
@@ -88,7 +90,7 @@ SAMPLERS = {
     "lms": SigmaSampler(sample_lms, "LMS", euler_schedule),
     "euler": SigmaSampler(sample_euler, "Euler", euler_schedule),
     "euler_a": SigmaSampler(sample_euler_ancestral, "Euler a", euler_schedule, stochastic=True),
-    "heun": SigmaSampler(sample_heun, "Heun", euler_schedule),
+    "heun": SigmaSampler(sample_heun, "Heun", euler_schedule, second_order=True),
     "dpmpp_2m": SigmaSampler(sample_dpmpp_2m, "DPM++ 2M", dpm_solver_schedule, unit_variance_start=True, karras_by_default=True),
     "unipc": SigmaSampler(sample_unipc, "UniPC", dpm_solver_schedule, unit_variance_start=True),
 }
@@ -97,6 +99,12 @@ SAMPLERS = {
 def display_name(name: str, karras: bool) -> str:
     """The sampler's name as AUTOMATIC1111 writes it in PNG metadata, e.g. "DPM++ 2M Karras"."""
     return SAMPLERS[name].a1111_name + " Karras" * karras
+
+
+def total_steps(name: str, steps: int) -> int:
+    """A pass's steps as A1111 counts them for prompt editing: in U-Net calls, so twice for a second-order sampler
+    (its last step makes one call, so the count runs one past the calls made)."""
+    return steps * (2 if SAMPLERS[name].second_order else 1)
 
 
 def karras_by_default(name: str) -> bool:

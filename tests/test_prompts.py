@@ -17,7 +17,8 @@ import cli
 from sd import Settings, generate, load_models
 from sd.errors import SDError
 from sd.pipeline import DEMO_CHECKPOINT
-from sd.prompts import encode_prompt, guidance_context, parse_prompt, prompt_chunks
+from sd.prompt_schedule import Timeline
+from sd.prompts import encode_prompt, guidance_contexts, parse_prompt, prompt_chunks
 from sd.tokenizer import load_clip_tokenizer
 
 PARSE_CASES = {
@@ -187,10 +188,16 @@ def demo():
     return load_models(DEMO_CHECKPOINT)
 
 
+def guidance_context(models, settings, num_images, guided):
+    """The context of a render of one pass (of 10 steps; these prompts have no edits)."""
+    contexts, = guidance_contexts(models, settings, num_images, guided, [Timeline(10)])
+    return contexts
+
+
 def test_the_shorter_prompt_is_padded_with_the_empty_prompts_encoding(demo):
     settings = Settings("a red circle BREAK on the left", negative_prompt="(blue:1.4) square", clip_skip=2, emphasis="no-norm")
     with torch.inference_mode():
-        context = guidance_context(demo, settings, num_images=2, guided=True)
+        context = guidance_context(demo, settings, num_images=2, guided=True)(0)
         prompt, negative, empty = (encode_prompt(demo, text, clip_skip=2, emphasis="no-norm") for text in (settings.prompt, settings.negative_prompt, ""))
     assert prompt.shape[1] == 154 and negative.shape[1] == empty.shape[1] == 77
     assert torch.equal(context, torch.cat([torch.cat([negative, empty], dim=1)] * 2 + [prompt] * 2))
@@ -203,7 +210,7 @@ def test_the_shorter_prompt_is_padded_with_the_empty_prompts_encoding(demo):
 ])
 def test_the_context_is_as_long_as_the_longer_prompt(demo, prompt, negative, guided, length):
     with torch.inference_mode():
-        context = guidance_context(demo, Settings(prompt, negative_prompt=negative), 1, guided)
+        context = guidance_context(demo, Settings(prompt, negative_prompt=negative), 1, guided)(0)
         alone = encode_prompt(demo, prompt)
     assert context.shape[:2] == (1 + guided, length)
     assert torch.equal(context[-1, : alone.shape[1]], alone[0])
