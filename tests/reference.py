@@ -105,3 +105,25 @@ def reference_pipeline(path, scheduler, plain_attention: bool = True):
         unet=reference_unet(path, plain_attention), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def a1111_emphasis(z: torch.Tensor, weights: list[float], emphasis: str) -> torch.Tensor:
+    """A1111's emphasis on one chunk's output z (1, 77, 768): each token's vector times its weight and, for
+    "original", the chunk times (its mean before / its mean after); in fp64, so the means are exact."""
+    if emphasis not in ("original", "no-norm"):
+        return z
+    z = z.double()
+    weighted = z * torch.tensor(weights, dtype=torch.float64)[None, :, None]
+    return (weighted * (z.mean() / weighted.mean()) if emphasis == "original" else weighted).float()
+
+
+def a1111_conditioning(clip, chunks: list, clip_skip: int = 1, emphasis: str = "original") -> torch.Tensor:
+    """A1111's conditioning (1, 77k, 768) of a prompt's chunks [(ids, weights)] from transformers' CLIPTextModel:
+    hidden_states[-clip_skip] through the final layer norm, emphasis applied, the chunks one after another."""
+    encoded = []
+    with torch.no_grad():
+        for ids, weights in chunks:
+            output = clip(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            z = output.last_hidden_state if clip_skip == 1 else clip.final_layer_norm(output.hidden_states[-clip_skip])
+            encoded.append(a1111_emphasis(z, weights, emphasis))
+    return torch.cat(encoded, dim=1)

@@ -117,3 +117,29 @@ def test_image_to_image_matches_diffusers(both, name):
     ).images[0]
     actual = generate(**PROMPT, input_image=image, strength=0.6, sampler=name, steps=4, cfg_scale=7.5, width=64, height=64, seed=5, models=ours, progress=False)[0]
     assert_same_image(actual, expected, f"{name} image-to-image pipeline")
+
+
+def test_a1111_prompt_matches_diffusers_given_its_conditioning(both):
+    """A long weighted prompt, clip skip 2: our render equals diffusers' pipeline given A1111's conditioning
+    computed from transformers' CLIP (tests/reference.py), the negative prompt padded with the empty prompt's."""
+    from diffusers import StableDiffusionPipeline
+    from reference import a1111_conditioning
+
+    from sd.prompts import prompt_chunks
+
+    ours, reference = both
+    prompt = "(masterpiece:1.2), a [red] house, " + ", ".join(["((tall)) tree"] * 24) + " BREAK (sky:0.7)"  # 3 chunks
+    negative = "(blurry:1.3), text"
+    chunks = prompt_chunks(prompt)
+    assert len(chunks) == 3
+    embeds, negative_embeds, empty = (a1111_conditioning(reference.text_encoder, prompt_chunks(text), clip_skip=2) for text in (prompt, negative, ""))
+    negative_embeds = torch.cat([negative_embeds, empty, empty], dim=1)  # (1, 77, 768) -> (1, 231, 768)
+    pipeline = StableDiffusionPipeline(**{**reference.components, "scheduler": scheduler("ddim")})
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    expected = pipeline(
+        prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=2, guidance_scale=7.5,
+        height=64, width=64, latents=latents.clone(), output_type="np",
+    ).images[0]
+    actual = generate(prompt, negative_prompt=negative, clip_skip=2, sampler="ddim", steps=2, cfg_scale=7.5, width=64, height=64,
+                      latents=latents, models=ours, progress=False)[0]
+    assert_same_image(actual, expected, "A1111 prompt pipeline")

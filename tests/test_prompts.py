@@ -155,15 +155,13 @@ def reference_hidden_states(safetensors_checkpoint):
 
 
 def a1111_rule(outputs, final_layer_norm, clip_skip: int, emphasis: str) -> torch.Tensor:
+    from reference import a1111_emphasis
+
     encoded = []
     with torch.no_grad():
         for output, (_, weights) in zip(outputs, prompt_chunks(WEIGHTED_PROMPT)):
             z = output.last_hidden_state if clip_skip == 1 else final_layer_norm(output.hidden_states[-clip_skip])  # (1, 77, 768)
-            if emphasis in ("original", "no-norm"):
-                z = z.double()  # the means exactly: see sd.prompts.apply_emphasis
-                weighted = z * torch.tensor(weights, dtype=torch.float64)[None, :, None]
-                z = weighted * (z.mean() / weighted.mean()) if emphasis == "original" else weighted
-            encoded.append(z)
+            encoded.append(a1111_emphasis(z, weights, emphasis))
     return torch.cat(encoded, dim=1).float()
 
 
