@@ -164,7 +164,7 @@ def generate(
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
     if known is not None:
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
-    used = embeddings_used(settings, settings.cfg_scale != 1.0, pass_timelines(settings), embeddings)
+    used = embeddings_used(settings, guided, pass_timelines(settings), embeddings)
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
                    ti_hashes={name: embedding.short_hash for name, embedding in used.items()})
