@@ -87,6 +87,7 @@ def read_embedding(path: Path) -> Embedding | None:
     vectors = embedding_vectors(path, read_tensors(path, data))
     if vectors is None:
         return None
+    # hashed from the bytes just read, so the hash is that of these vectors, at less cost than reading them
     return Embedding(path.stem, vectors.detach().float(), hashlib.sha256(data).hexdigest())
 
 
