@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
+from sd.embeddings import Embedding, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
@@ -119,6 +120,10 @@ class Job:
 @click.option("--emphasis", type=click.Choice(list(EMPHASIS_MODES)), default="original", show_default=True,
               help="How (word:1.2) and [word] weigh words, as AUTOMATIC1111: original (weights, then the mean restored), "
                    "no-norm (weights only), ignore (brackets dropped, no weights), none (brackets are text).")
+@click.option("--embeddings", "embeddings_folder", type=click.Path(path_type=Path),
+              help="A folder of textual-inversion embeddings (AUTOMATIC1111's .pt, kohya's .safetensors, diffusers' .bin or "
+                   ".safetensors; subfolders too): a file's name without its extension is the word that stands for it in a "
+                   "prompt. Default: data/embeddings/ where it exists.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
@@ -170,7 +175,7 @@ class Job:
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
-                     emphasis, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
+                     emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
                      hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
                      overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
@@ -196,6 +201,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         raise SDError("hires fix is text-to-image only, as in AUTOMATIC1111: leave out --input, or the hires options")
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    embeddings = load_embeddings(embeddings_folder)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
@@ -217,9 +223,11 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
         warn_of_another_model(from_image, image.settings, checkpoint)
+    if image is not None:
+        warn_of_other_embeddings(from_image, image.settings, embeddings)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling), checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -270,7 +278,7 @@ def describe(path: Path) -> dict:
 
 def render(jobs: list[Job], inputs: dict, checkpoint: Path, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
-    generate()'s input image, mask and VAE tiling."""
+    generate()'s input image, mask, VAE tiling and embeddings."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
@@ -387,6 +395,17 @@ def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
         model = f" ({made.model})" if made.model else ""
         click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
                    f"{short_hash} ({checkpoint.name}): the image will differ", err=True)
+
+
+def warn_of_other_embeddings(path: Path, made: Settings, embeddings: dict[str, Embedding]) -> None:
+    """One line for each embedding the image names (by A1111's name for it) that is missing here or differs."""
+    ours = {re.sub("[,:]", "", name): embedding.short_hash for name, embedding in embeddings.items()}
+    for name, short_hash in made.ti_hashes.items():
+        if name not in ours:
+            click.echo(f"warning: {path} was made with the embedding {name} ({short_hash}), which is not among the embeddings: "
+                       f"its word is read as text (see --embeddings)", err=True)
+        elif ours[name] != short_hash:
+            click.echo(f"warning: {path} was made with the embedding {name} {short_hash}, not the {ours[name]} here: the image will differ", err=True)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:

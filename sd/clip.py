@@ -58,18 +58,23 @@ class CLIP(nn.Module):
         self.layers = nn.ModuleList(CLIPLayer(config.width, config.num_heads) for _ in range(config.num_layers))
         self.final_layer_norm = LayerNorm(config.width)
 
-    def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None, clip_skip: int = 1, token_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """`dtype`: the type to compute in (see sd/layers.py); by default that of the weights. `clip_skip`: 1 reads
         the last layer's output, n the output of the n-th layer from the end, through the final layer norm all
-        the same (AUTOMATIC1111's "Clip skip": what some SD 1.5 fine-tunes were trained on)."""
+        the same (AUTOMATIC1111's "Clip skip": what some SD 1.5 fine-tunes were trained on). `token_vectors`
+        (B, 77, 768): read instead of the tokens' embeddings (textual inversion puts its vectors among them)."""
         if not 1 <= clip_skip <= len(self.layers):
             raise SDError(f"clip skip must be between 1 and {len(self.layers)}, the text encoder's layers, got {clip_skip}")
         dtype = dtype or self.position_embedding.dtype
-        # (B, 77) -> (B, 77, 768)
-        x = self.token_embedding[self.rows(tokens)].to(dtype) + self.position_embedding[: tokens.shape[1]].to(dtype)
+        x = token_vectors.to(dtype) if token_vectors is not None else self.embed(tokens, dtype)  # (B, 77) -> (B, 77, 768)
+        x = x + self.position_embedding[: tokens.shape[1]].to(dtype)
         for layer in self.layers[: len(self.layers) - (clip_skip - 1)]:
             x = layer(x)
         return self.final_layer_norm(x)
+
+    def embed(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tokens' embeddings, (B, 77) -> (B, 77, 768), in `dtype` (by default the weights'): a new tensor."""
+        return self.token_embedding[self.rows(tokens)].to(dtype or self.position_embedding.dtype)
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding row of each CLIP token id: the id itself, unless the model keeps only some tokens."""

@@ -4,6 +4,7 @@ import itertools
 import logging
 import os
 import random
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import replace
 from functools import lru_cache
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
@@ -21,7 +23,7 @@ from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompt_schedule import Timeline
-from .prompts import ContextSchedule, guidance_contexts
+from .prompts import ContextSchedule, embeddings_used, guidance_contexts
 from .samplers import KnownRegion, sample, total_steps
 from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 
@@ -59,6 +61,7 @@ def generate(
     latents: torch.Tensor | None = None,
     progress: bool = True,
     vae_tiling: bool | None = None,
+    embeddings: Mapping[str, Embedding] | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -76,6 +79,9 @@ def generate(
     `vae_tiling` decodes (and encodes) in tiles of 512x512 pixels, whose memory does not grow with the image
     (sd/tiling.py); None: only where a whole image would not fit in memory (sd/memory.py), which a render
     that cannot fit even so is refused with an SDError before the models load.
+
+    `embeddings` (sd/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
+    stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -131,7 +137,7 @@ def generate(
         guided = cfg_scale != 1.0
         with on_device(models["clip"], device, idle_device):
             # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
-            contexts = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype)
+            contexts = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
@@ -158,8 +164,10 @@ def generate(
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
     if known is not None:
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
+    used = embeddings_used(settings, guided, pass_timelines(settings), embeddings)
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
-                   inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None)
+                   inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
+                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()})
     for output in images:
         output.info["sd"] = made
     return images

@@ -6,6 +6,8 @@
 - Chunks: CLIP reads 77 tokens, so the prompt's tokens are cut into chunks of 75, each wrapped in the start and
   end tokens and padded with the end token. A chunk that would be cut at most 20 tokens after a comma is cut
   after that comma instead, so the words after it stay together; `BREAK` starts a new chunk.
+- Textual inversion: an embedding's trigger word (sd/embeddings.py) stands for its vectors, one placeholder token
+  each, weighed as the word; they never span two chunks, and replace the placeholders' token vectors.
 - Encoding: each chunk through CLIP on its own; the chunks' vectors one after another, (1, 77k, 768).
 
 The rules are A1111's (its `parse_prompt_attention`, `tokenize_line`, `sd_emphasis`), written here from their
@@ -14,10 +16,12 @@ description, with their quirks, so that an A1111 prompt gives A1111's conditioni
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .embeddings import Embedding, Triggers
 from .errors import SDError
 from .prompt_schedule import Timeline, prompt_schedule
 from .tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
@@ -35,6 +39,7 @@ SQUARE_FACTOR = 1 / 1.1  # multiplied, as A1111 does, rather than divided: the w
 CHUNK_TOKENS = 75  # 77 less the start and end tokens
 COMMA_ID = 267  # ",</w>"
 COMMA_BACKTRACK = 20  # A1111's "prompt word wrap length limit", default 20
+PLACEHOLDER_ID = 0  # A1111's token where an embedding's vector goes ("!", read as such only in its quirk below)
 
 # One piece of a prompt, tried in this order at each position.
 EMPHASIS_SYNTAX = re.compile(
@@ -116,36 +121,79 @@ def merge_equal_weights(fragments: list[list]) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
-def prompt_chunks(text: str, emphasis: str = "original") -> list[tuple[list[int], list[float]]]:
+def prompt_chunks(text: str, emphasis: str = "original", embeddings: Mapping[str, Embedding] | None = None) -> list[tuple[list[int], list[float]]]:
     """The prompt as CLIP reads it: chunks of 77 token ids (start, 75 tokens padded with the end token, end) and
-    the weight of each. The empty prompt is one chunk. With emphasis "none" the brackets are plain text."""
+    the weight of each. The empty prompt is one chunk. With emphasis "none" the brackets are plain text. Each
+    embedding's trigger word becomes one placeholder per vector (see chunk_prompt)."""
+    return chunk_prompt(text, emphasis, embeddings)[0]
+
+
+class Placement(NamedTuple):
+    """Where an embedding's vectors go: chunk `chunk`, positions `position` to `position + n - 1` of its 77."""
+
+    chunk: int
+    position: int
+    embedding: Embedding
+
+
+def chunk_prompt(text: str, emphasis: str = "original", embeddings: Mapping[str, Embedding] | None = None) -> tuple[list[tuple[list[int], list[float]]], list[Placement]]:
+    """prompt_chunks(), and where the embeddings' vectors go: A1111's textual inversion. Each trigger word
+    (its tokens, within one fragment; the longest where triggers overlap) becomes a placeholder token per
+    vector, weighed as its fragment; an embedding that would not fit in the chunk's 75 tokens starts the next."""
     fragments = [(text, 1.0)] if emphasis == "none" else parse_prompt(text)
     # each fragment on its own, so that no token spans two weights
     token_lists = load_clip_tokenizer()([fragment for fragment, _ in fragments], truncation=False, add_special_tokens=False).input_ids
+    triggers = Triggers(embeddings or {})
     chunker = Chunker()
     for fragment, tokens in zip(fragments, token_lists):
         if fragment == BREAK:
             chunker.close()
             continue
-        for token in tokens:
-            chunker.add(token, fragment[1])
+        start = 0
+        while start < len(tokens):
+            embedding, length = triggers.match(tokens, start) or (None, 1)
+            if embedding is None:
+                chunker.add(tokens[start], fragment[1])
+            else:
+                chunker.add_embedding(embedding, tokens[start], fragment[1])
+            start += length
     if chunker.ids or not chunker.chunks:
         chunker.close()
-    return chunker.chunks
+    return chunker.chunks, chunker.placements
 
 
 class Chunker:
-    """Fills chunks of 75 tokens one token at a time, as A1111 does."""
+    """Fills chunks of 75 tokens one token (or one embedding) at a time, as A1111 does."""
 
     def __init__(self):
         self.chunks: list[tuple[list[int], list[float]]] = []
+        self.placements: list[Placement] = []
         self.ids, self.weights, self.last_comma = [], [], -1
 
     def add(self, token: int, weight: float) -> None:
+        self.make_room(token)
+        self.ids.append(token)
+        self.weights.append(weight)
+
+    def add_embedding(self, embedding: Embedding, first_token: int, weight: float) -> None:
+        """The embedding's vectors as placeholders, in a new chunk where they would not fit in this one."""
+        self.make_room(first_token)
+        count = len(embedding.vectors)
+        if len(self.ids) + count > CHUNK_TOKENS:
+            self.close()
+        self.placements.append(Placement(len(self.chunks), 1 + len(self.ids), embedding))  # 1: after the start token
+        self.ids += [PLACEHOLDER_ID] * count
+        self.weights += [weight] * count
+
+    def make_room(self, token: int) -> None:
+        """Before `token` (an embedding's: its trigger's first) is added: remembers a comma, or closes a full chunk
+        at its last comma, at most 20 tokens back, or else where it is."""
         if token == COMMA_ID:
             self.last_comma = len(self.ids)
         elif len(self.ids) == CHUNK_TOKENS and self.last_comma != -1 and CHUNK_TOKENS - self.last_comma <= COMMA_BACKTRACK:
-            # the full chunk ends at its last comma, and the words after it begin the next chunk together
+            # the full chunk ends at its last comma, and the words after it begin the next chunk together. As in
+            # A1111, an embedding placed among them stays where it was (A1111 moves the tokens, not their "fixes"):
+            # its vectors take the padding of the closed chunk, and its placeholders go on as the token "!".
             cut = self.last_comma + 1
             moved = self.ids[cut:], self.weights[cut:]
             del self.ids[cut:], self.weights[cut:]
@@ -153,8 +201,6 @@ class Chunker:
             self.ids, self.weights = moved
         if len(self.ids) == CHUNK_TOKENS:
             self.close()
-        self.ids.append(token)
-        self.weights.append(weight)
 
     def close(self) -> None:
         """Ends the chunk (even an empty one): wrapped in start and end tokens, padded to 77, padding weighing 1."""
@@ -165,21 +211,36 @@ class Chunker:
         self.ids, self.weights, self.last_comma = [], [], -1
 
 
-def encode_prompt(models: dict, text: str, clip_skip: int = 1, emphasis: str = "original", dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_prompt(models: dict, text: str, clip_skip: int = 1, emphasis: str = "original", dtype: torch.dtype | None = None,
+                  embeddings: Mapping[str, Embedding] | None = None) -> torch.Tensor:
     """The context the U-Net attends to, (1, 77k, 768): each of the prompt's k chunks through the text encoder
-    (models["clip"], on its own device; in `dtype`, by default its weights'), emphasis applied, one after another."""
+    (models["clip"], on its own device; in `dtype`, by default its weights'), emphasis applied, one after another.
+    `embeddings` (sd/embeddings.py): their trigger words in the text stand for their vectors."""
     if emphasis not in EMPHASIS_MODES:
         raise SDError(f"unknown emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
     clip = models["clip"]
-    chunks = prompt_chunks(text, emphasis)
-    tokens = torch.tensor([ids for ids, _ in chunks])  # (k, 77)
-    warn_unknown_words(clip, tokens)
+    chunks, placements = chunk_prompt(text, emphasis, embeddings)
     device = clip.position_embedding.device
+    tokens = torch.tensor([ids for ids, _ in chunks], device=device)  # (k, 77)
+    inputs = token_vectors(clip, tokens, placements, dtype) if placements else None
+    warn_unknown_words(clip, tokens, placements)
     # (k, 77) -> (k, 77, 768): the chunks are independent, so one batch computes each as if alone
-    vectors = clip(tokens.to(device), dtype, clip_skip=clip_skip)
+    vectors = clip(tokens, dtype, clip_skip=clip_skip, token_vectors=inputs)
     weights = torch.tensor([weights for _, weights in chunks], device=device)  # (k, 77)
     vectors = apply_emphasis(vectors, weights, emphasis)
     return vectors.reshape(1, -1, vectors.shape[-1])  # (k, 77, 768) -> (1, 77k, 768)
+
+
+def token_vectors(clip: torch.nn.Module, tokens: torch.Tensor, placements: list[Placement], dtype: torch.dtype | None) -> torch.Tensor:
+    """The chunks' token vectors with each placed embedding's vectors over its placeholders, as A1111 puts them:
+    before the position embeddings are added. (k, 77) -> (k, 77, 768)."""
+    vectors = clip.embed(tokens, dtype)
+    for chunk, position, embedding in placements:
+        if embedding.vectors.shape[1] != vectors.shape[2]:
+            raise SDError(f"embedding {embedding.name} has vectors {embedding.vectors.shape[1]} wide, but this model's text encoder takes "
+                          f"{vectors.shape[2]}: it is for another model; leave {embedding.name} out of the prompt")
+        vectors[chunk, position : position + len(embedding.vectors)] = embedding.vectors.to(vectors)  # (n, 768)
+    return vectors
 
 
 def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) -> torch.Tensor:
@@ -197,22 +258,33 @@ def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) 
     return weighted.to(vectors.dtype)
 
 
-def guidance_contexts(models: dict, settings: "Settings", num_images: int, guided: bool, timelines: list[Timeline], dtype: torch.dtype | None = None) -> list["ContextSchedule"]:
+def guidance_contexts(models: dict, settings: "Settings", num_images: int, guided: bool, timelines: list[Timeline], dtype: torch.dtype | None = None,
+                      embeddings: Mapping[str, Embedding] | None = None) -> list["ContextSchedule"]:
     """The context of each sampling pass (one Timeline each: hires fix has two), as the prompt and negative
     prompt read at each of its steps (sd/prompt_schedule.py); each distinct text is encoded once, now, while
-    the text encoder is loaded."""
+    the text encoder is loaded, with the `embeddings` it names."""
     texts = [settings.negative_prompt] * guided + [settings.prompt]
     encodings: dict[str, torch.Tensor] = {}
 
     def encode(text: str) -> torch.Tensor:  # (1, 77k, 768)
         if text not in encodings:
-            encodings[text] = encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype)
+            encodings[text] = encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype, embeddings)
         return encodings[text]
 
     passes = [[[(end, encode(text)) for end, text in prompt_schedule(text, timeline)] for text in texts] for timeline in timelines]
     lengths = {encoding.shape[1] for encoding in encodings.values()}
     empty = encode("") if len(lengths) > 1 else None
     return [ContextSchedule(schedules, empty, num_images) for schedules in passes]
+
+
+def embeddings_used(settings: "Settings", guided: bool, timelines: list[Timeline], embeddings: Mapping[str, Embedding] | None) -> dict[str, Embedding]:
+    """The embeddings that guidance_contexts() places, by name: those of the negative prompt (when guided), then
+    the prompt's, at any step of any pass, in order (A1111's "TI hashes" name them)."""
+    if not embeddings:
+        return {}
+    texts = dict.fromkeys(text for timeline in timelines for prompt in [settings.negative_prompt] * guided + [settings.prompt]
+                          for _, text in prompt_schedule(prompt, timeline))
+    return {placement.embedding.name: placement.embedding for text in texts for placement in chunk_prompt(text, settings.emphasis, embeddings)[1]}
 
 
 class ContextSchedule:
@@ -245,9 +317,13 @@ class ContextSchedule:
         return torch.cat([encoding, *[self.empty] * ((length - encoding.shape[1]) // self.empty.shape[1])], dim=1)
 
 
-def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor) -> None:
-    """A text encoder that keeps only some tokens (the demo model's) reads the others as padding: say which."""
-    unknown = clip.unknown_tokens(tokens)
+def warn_unknown_words(clip: torch.nn.Module, tokens: torch.Tensor, placements: list[Placement]) -> None:
+    """A text encoder that keeps only some tokens (the demo model's) reads the others as padding: say which
+    (but for the placeholders of embeddings, whose vectors replace them)."""
+    read = torch.ones_like(tokens, dtype=torch.bool)  # (k, 77)
+    for chunk, position, embedding in placements:
+        read[chunk, position : position + len(embedding.vectors)] = False
+    unknown = clip.unknown_tokens(tokens[read])
     if unknown:
         words = load_clip_tokenizer().convert_ids_to_tokens(unknown)
         log.warning("the model does not know these words and ignores them: %s", ", ".join(word.removesuffix("</w>") for word in words))

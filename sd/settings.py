@@ -21,7 +21,7 @@ FIELD_READERS and INFOTEXT_NAMES.
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
@@ -60,6 +60,7 @@ class Settings:
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
     model: str | None = None  # the checkpoint's file name without its extension
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # the embeddings the prompts used: name -> sha256[:12]
     # hires fix, text-to-image only (sd/hires.py): width x height is the first pass; the second redraws it upscaled
     hires_scale: float | None = None  # the hires size is int(side * scale); None and no hires width/height: no hires fix
     hires_width: int | None = None  # or a size: one side keeps the aspect ratio; both: upscaled to cover, cut at the center
@@ -153,6 +154,8 @@ class Settings:
             "Inpainted": "yes" if self.inpainted else None,
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
+            # as A1111: the names without the commas and colons that would split the field
+            "TI hashes": ", ".join(f"{re.sub('[,:]', '', name)}: {short}" for name, short in self.ti_hashes.items()) or None,
             # as A1111: only where the mode makes a difference to brackets
             "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
         }
@@ -321,6 +324,12 @@ def hires_resize(name: str, value: str) -> dict:
     return {f"hires_{side}": pixels for side, pixels in sides.items() if pixels}
 
 
+def ti_hashes(name: str, value: str) -> dict:
+    """A1111's "name: hash, name: hash"; an entry without a colon is not one."""
+    entries = (entry.rpartition(":") for entry in value.split(","))
+    return {"ti_hashes": {embedding.strip(): short.strip() for embedding, colon, short in entries if colon}}
+
+
 def emphasis_mode(name: str, value: str) -> str:
     """Ours from A1111's name of an emphasis mode ("No norm" -> "no-norm")."""
     modes = {a1111.lower(): ours for ours, a1111 in EMPHASIS_MODES.items()}
@@ -373,6 +382,7 @@ FIELD_READERS = {
     "Hires upscaler": hires_upscaler,
     "Clip skip": lambda name, value: {"clip_skip": whole_number(name, value)},
     "Emphasis": lambda name, value: {"emphasis": emphasis_mode(name, value)},
+    "TI hashes": ti_hashes,
 }
 HIRES_SIZE_FIELDS = {"Hires upscale", "Hires scale", "Hires resize"}
 # the infotext fields each setting is read from (width and height: from Size, the two together)

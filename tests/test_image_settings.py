@@ -63,7 +63,7 @@ def test_info_prints_the_settings_text_and_json_for_scripts():
         "prompt": "a red circle on the left,\nsmall", "negative_prompt": "blurry, text: watermark", "steps": 3,
         "sampler": "dpmpp_2m", "karras": True, "cfg_scale": 6.5, "seed": 77, "width": 64, "height": 64, "strength": None,
         "eta": 0.0, "mask_blur": None, "clip_skip": 2, "emphasis": "original", "inpainted": False,
-        "model_hash": "0123456789", "model": "someone-elses",
+        "model_hash": "0123456789", "model": "someone-elses", "ti_hashes": {},
         "hires_scale": None, "hires_width": None, "hires_height": None, "hires_upscaler": "latent", "hires_steps": 0,
         "hires_strength": 0.7, "hires_sampler": None, "hires_karras": False,
     }
