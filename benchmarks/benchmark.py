@@ -260,7 +260,8 @@ def worker_turns(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, *
 def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, tile: int, repeat: int, **_) -> dict:
     """sd's VAE decode alone (batch 1) at `size`, tiled or not. Only the decoder is kept after the load and
     the peak RSS starts again from there, so the peak is the decode's own plus what the process held before
-    it. A warm-up call first."""
+    it. A warm-up call on one tile's latents first, which pages the weights in (on a CPU without bf16
+    instructions a 2048x2048 decode takes minutes: a warm-up at full size would double that)."""
     from sd.layers import trim_heap
 
     decoder = load_sd(checkpoint, dtype)["decoder"]
@@ -269,11 +270,11 @@ def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, 
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(compute_dtype(dtype, CPU))
     before = current_rss_gib()
     reset_peak_rss()
+    decoder(latents[..., :tile, :tile])
 
     def decode():
         decoder(latents, tiled=tiled, tile_size=tile)
 
-    decode()
     return {**summaries("decode", [clocked(decode) for _ in range(repeat)]), "rss_before_gib": before}
 
 
@@ -287,13 +288,25 @@ def worker_hires(checkpoint: Path, dtype: torch.dtype, base: int, size: int, ste
     models = load_sd(checkpoint, dtype)
     load_peak = peak_rss_gib()
     unet, decoder = CallTimes(models["diffusion"]), CallTimes(models["decoder"])
+    computed = {}
+    for name in ("diffusion", "decoder"):
+        record_input_dtype(models[name], computed, f"{name}_computed_in")
     hires = dict(hires_scale=size / base, hires_steps=hires_steps) if size != base else {}
     before = current_rss_gib()
     reset_peak_rss()
     total = clocked(lambda: generate(PROMPT, steps=steps, seed=0, width=base, height=base, sampler="dpmpp_2m", karras=True,
                                      vae_tiling=tiled, models=models, progress=False, **hires))
     passes = {**summaries("unet_step", unet.runs[:steps]), **(summaries("hires_unet_step", unet.runs[steps:]) if hires else {})}
-    return {**summaries("total", [total]), **passes, **summaries("decode", decoder.runs), "rss_before_gib": before, "load_peak_rss_gib": load_peak}
+    return {**summaries("total", [total]), **passes, **summaries("decode", decoder.runs), **computed, "rss_before_gib": before, "load_peak_rss_gib": load_peak}
+
+
+def record_input_dtype(module: torch.nn.Module, record: dict, key: str) -> None:
+    """Keeps in record[key] the dtype of the first input of the module's first call: the dtype it computes in, as
+    sd's layers cast their weights to their input's (sd/layers.py)."""
+    def hook(_, inputs):
+        record.setdefault(key, str(inputs[0].dtype).removeprefix("torch."))
+
+    module.register_forward_pre_hook(hook)
 
 
 def worker_prompts(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
