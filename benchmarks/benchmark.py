@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/benchmark.py --only load     # groups: load, components, turns, generate
     .venv/bin/python benchmarks/benchmark.py --sizes 256 --steps 4 --dtypes bf16   # quicker
     .venv/bin/python benchmarks/benchmark.py --only decode --dtypes bf16 --decode-sizes 1024 2048   # sd's decode alone
+    .venv/bin/python benchmarks/benchmark.py --only hires --dtypes bf16 --hires-sizes 512 1024     # sd's txt2img, hires fix
+    .venv/bin/python benchmarks/benchmark.py --only prompts --dtypes bf16                            # long prompts' cost
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -16,6 +18,15 @@ images, and writes every figure to benchmarks/results.json.
 `--decode-tile` latents), at each of `--decode-sizes`, each in its own process: the time of a decode and its
 peak RSS, counted from after the load, once every model but the decoder is freed (`rss_before_gib` is what
 the process held then: Python, torch and the decoder's weights).
+
+`--only hires` (not part of the default run) measures sd's generate() text-to-image of one image at each of
+`--hires-sizes`, each in its own process: at `--hires-base` (512) plainly, above it by hires fix from it, in
+`--hires-first-steps` and `--hires-steps` steps, the decode tiled from `--tiled-from` (2048) up: the whole
+render's, each U-Net step's and the decode's time, and the render's peak RSS counted from after the load.
+`--only prompts` (not part of the default run) measures, in one process, the encoding of a 1-chunk and a 3-chunk
+prompt and a guided U-Net step at the largest of `--sizes` attending to 77 and to 231 context tokens, in turn.
+The decode, hires and prompts groups report CPU seconds (user + system, all threads) beside wall seconds, and
+every measurement records the machine's load averages before and after it.
 
 diffusers' `from_single_file` needs files from a model hub, so its models are built from the same
 tensors by its own single-file converters (on the meta device, the fastest way it offers), with its
@@ -48,6 +59,7 @@ from sd.layers import linear_as_convolution  # noqa: E402
 from sd.precision import DTYPES, compute_dtype, cpu_has_bf16  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
+LONG_PROMPT = ", ".join([PROMPT] * 18)  # 18 x 9 tokens: three chunks of 75
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
@@ -131,33 +143,63 @@ def worker_load(impl: str, checkpoint: Path, dtype: torch.dtype, **_) -> dict:
     return {"load_s": seconds}
 
 
-def time_calls(module: torch.nn.Module, record: list[float]) -> None:
-    """Appends the duration of every forward call of `module` to `record`."""
-    starts = []
-    module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-    module.register_forward_hook(lambda *_: record.append(time.perf_counter() - starts.pop()))
+class CallTimes:
+    """The wall and CPU seconds of every forward call of `module`, in order (see clocked)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.runs: list[tuple[float, float]] = []
+        starts = []
+        module.register_forward_pre_hook(lambda *_: starts.append(clocks()))
+        module.register_forward_hook(lambda *_: self.runs.append(elapsed(starts.pop())))
+
+    @property
+    def wall(self) -> list[float]:
+        return [wall for wall, _ in self.runs]
+
+
+def clocks() -> tuple[float, float]:
+    """Wall and CPU time now. CPU time is this process's user + system time over all its threads: on a shared
+    machine it moves less than wall time (not nothing: a thread waiting for its descheduled sibling spins)."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since `start` (from clocks())."""
+    wall, cpu = clocks()
+    return wall - start[0], cpu - start[1]
+
+
+def clocked(function) -> tuple[float, float]:
+    """Wall and CPU seconds of one call of `function`."""
+    start = clocks()
+    function()
+    return elapsed(start)
+
+
+def summaries(name: str, runs: list[tuple[float, float]]) -> dict:
+    """`name`_s and `name`_cpu_s: the summaries of the wall and of the CPU seconds of `runs`."""
+    return {f"{name}_s": summary([wall for wall, _ in runs]), f"{name}_cpu_s": summary([cpu for _, cpu in runs])}
 
 
 def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, steps: int, image_path: str, **_) -> dict:
     """A whole txt2img run with DDPM, seed 0; the image is saved for the PSNR between dtypes."""
-    unet_seconds: list[float] = []
     if impl == "sd":
         from sd import generate
 
         models = load_sd(checkpoint, dtype)
-        time_calls(models["diffusion"], unet_seconds)
+        unet = CallTimes(models["diffusion"])
         start = time.perf_counter()
         image = generate(PROMPT, steps=steps, seed=0, width=size, height=size, models=models, progress=False)[0]
         pixels = np.asarray(image)
     else:
         pipe = load_diffusers(checkpoint, dtype)
-        time_calls(pipe.unet, unet_seconds)
+        unet = CallTimes(pipe.unet)
         start = time.perf_counter()
         output = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np")
         pixels = (output.images[0] * 255).round().astype(np.uint8)
     total = time.perf_counter() - start
     np.save(image_path, pixels)
-    return {"total_s": total, "unet_step_s": summary(unet_seconds)}
+    return {"total_s": total, "unet_step_s": summary(unet.wall)}
 
 
 def unet_inputs(size: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +260,8 @@ def worker_turns(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, *
 def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, tile: int, repeat: int, **_) -> dict:
     """sd's VAE decode alone (batch 1) at `size`, tiled or not. Only the decoder is kept after the load and
     the peak RSS starts again from there, so the peak is the decode's own plus what the process held before
-    it. A warm-up call first."""
+    it. A warm-up call on one tile's latents first, which pages the weights in (on a CPU without bf16
+    instructions a 2048x2048 decode takes minutes: a warm-up at full size would double that)."""
     from sd.layers import trim_heap
 
     decoder = load_sd(checkpoint, dtype)["decoder"]
@@ -227,15 +270,79 @@ def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, 
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(compute_dtype(dtype, CPU))
     before = current_rss_gib()
     reset_peak_rss()
+    decoder(latents[..., :tile, :tile])
 
     def decode():
         decoder(latents, tiled=tiled, tile_size=tile)
 
-    decode()
-    return {"decode_s": summary([timed_once(decode) for _ in range(repeat)]), "rss_before_gib": before}
+    return {**summaries("decode", [clocked(decode) for _ in range(repeat)]), "rss_before_gib": before}
 
 
-WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate, "turns": worker_turns}
+def worker_hires(checkpoint: Path, dtype: torch.dtype, base: int, size: int, steps: int, hires_steps: int, tiled: bool, **_) -> dict:
+    """sd's text-to-image of one size x size image, seed 0, with `sd generate`'s sampler (DPM++ 2M Karras): `steps`
+    steps at `size` where it is `base`, else hires fix, `steps` at base x base then `hires_steps` at the hires size
+    (A1111's defaults: latent upscaler, strength 0.7). Decoded in tiles if `tiled`. The peak RSS is counted from
+    after the load (`rss_before_gib`: what the process held then; `load_peak_rss_gib`: the load's own peak)."""
+    from sd import generate
+
+    models = load_sd(checkpoint, dtype)
+    load_peak = peak_rss_gib()
+    unet, decoder = CallTimes(models["diffusion"]), CallTimes(models["decoder"])
+    computed = {}
+    for name in ("diffusion", "decoder"):
+        record_input_dtype(models[name], computed, f"{name}_computed_in")
+    hires = dict(hires_scale=size / base, hires_steps=hires_steps) if size != base else {}
+    before = current_rss_gib()
+    reset_peak_rss()
+    total = clocked(lambda: generate(PROMPT, steps=steps, seed=0, width=base, height=base, sampler="dpmpp_2m", karras=True,
+                                     vae_tiling=tiled, models=models, progress=False, **hires))
+    passes = {**summaries("unet_step", unet.runs[:steps]), **(summaries("hires_unet_step", unet.runs[steps:]) if hires else {})}
+    return {**summaries("total", [total]), **passes, **summaries("decode", decoder.runs), **computed, "rss_before_gib": before, "load_peak_rss_gib": load_peak}
+
+
+def record_input_dtype(module: torch.nn.Module, record: dict, key: str) -> None:
+    """Keeps in record[key] the dtype of the first input of the module's first call: the dtype it computes in, as
+    sd's layers cast their weights to their input's (sd/layers.py)."""
+    def hook(_, inputs):
+        record.setdefault(key, str(inputs[0].dtype).removeprefix("torch."))
+
+    module.register_forward_pre_hook(hook)
+
+
+def worker_prompts(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
+    """The cost of long prompts (issue 19), in one process: sd.encode_prompt of a 1-chunk and of a 3-chunk prompt
+    (A1111's emphasis, clip skip 1), and one guided U-Net step (batch 2) at `size` attending to each one's context
+    (77 and 231 tokens); named by the chunks and tokens the encodings came out with."""
+    from sd import encode_prompt
+
+    models = load_sd(checkpoint, dtype)
+    compute = compute_dtype(dtype, CPU)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(compute)
+    calls = {}
+    for text in (PROMPT, LONG_PROMPT):
+        def encode(text=text):
+            return encode_prompt(models, text, clip_skip=1, emphasis="original", dtype=compute)  # (1, 77k, 768)
+
+        context = torch.cat([encode()] * 2)  # the negative prompt's half and the prompt's
+        calls[f"encode_{context.shape[1] // 77}_chunks"] = encode
+        calls[f"unet_step_{context.shape[1]}_tokens"] = lambda context=context: models["diffusion"](latents, context, 500)
+    return in_turns(calls, repeat)
+
+
+def in_turns(calls: dict, repeat: int) -> dict:
+    """The wall and CPU seconds of each of `calls`, one call of each per turn over `repeat` turns after a warm-up
+    turn, so that a slow spell of the machine falls on all of them alike."""
+    runs = {name: [] for name in calls}
+    for turn in range(repeat + 1):
+        for name, call in calls.items():
+            timing = clocked(call)
+            if turn:
+                runs[name].append(timing)
+    return {key: value for name in calls for key, value in summaries(name, runs[name]).items()}
+
+
+WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
+           "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts}
 
 
 def run_worker(spec: dict) -> dict:
@@ -250,12 +357,14 @@ def run_worker(spec: dict) -> dict:
 
 
 def measure(spec: dict) -> dict:
-    """Runs one worker in a fresh process, so that each peak RSS is its own."""
+    """Runs one worker in a fresh process, so that each peak RSS is its own. The load averages (1, 5, 15 minutes)
+    before and after it tell how busy the machine was."""
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    load_before = os.getloadavg()
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode:
         sys.exit(f"{spec} failed:\n{finished.stderr}")
-    return {**spec, **json.loads(finished.stdout.strip().splitlines()[-1])}
+    return {**spec, **json.loads(finished.stdout.strip().splitlines()[-1]), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
 
 
 def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
@@ -274,6 +383,11 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
         if "decode" in args.only:
             specs += [dict(group="decode", impl="sd", dtype=dtype, size=size, tiled=tiled, tile=args.decode_tile, repeat=args.repeat,
                            checkpoint=str(files[".safetensors"])) for size in args.decode_sizes for tiled in (False, True)]
+        if "hires" in args.only:
+            specs += [dict(group="hires", impl="sd", dtype=dtype, base=args.hires_base, size=size, steps=args.hires_first_steps, hires_steps=args.hires_steps,
+                           tiled=size >= args.tiled_from, checkpoint=str(files[".safetensors"])) for size in args.hires_sizes]
+        if "prompts" in args.only:
+            specs.append(dict(group="prompts", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, checkpoint=str(files[".safetensors"])))
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
@@ -361,6 +475,12 @@ def label(result: dict) -> str:
         return f"{dtype} {result['size']}x{result['size']} steps in turn"
     if group == "decode":
         return f"{dtype} decode {result['size']}x{result['size']} {'tiled' if result['tiled'] else 'untiled'}"
+    if group == "hires":
+        size, base = result["size"], result["base"]
+        steps = f"hires fix: {result['steps']} steps at {base}, {result['hires_steps']} at {size}" if size != base else f"{result['steps']} steps"
+        return f"{dtype} txt2img {size}x{size}, {steps}{', tiled decode' if result['tiled'] else ''}"
+    if group == "prompts":
+        return f"{dtype} prompts, U-Net at {result['size']}x{result['size']}"
     return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
 
 
@@ -370,7 +490,8 @@ def table(results: list[dict], flops: dict, peaks: dict) -> list[str]:
     for result in results:
         if result["group"] != "peaks":
             pairs.setdefault(label(result), {})[result["impl"]] = result
-    lines = [f"{'measurement':34} {'figure':14} {'sd min/med':>15} {'diffusers min/med':>18} {'sd/diff':>8} {'sd GFLOP/s (% of peak)':>24}"]
+    width = max(map(len, pairs), default=0)
+    lines = [f"{'measurement':{width}} {'figure':26} {'sd min/med':>15} {'diffusers min/med':>18} {'sd/diff':>8} {'sd GFLOP/s (% of peak)':>24}"]
     for name, pair in pairs.items():
         sd, reference = pair["sd"], pair.get("diffusers", {})
         for figure, ours in sd.items():
@@ -378,15 +499,29 @@ def table(results: list[dict], flops: dict, peaks: dict) -> list[str]:
                 continue
             theirs = reference.get(figure)
             rate = ""
-            if sd["group"] == "components" and figure.endswith("_s"):
-                gflops = flops[(figure[:-2], sd["size"])] / ours["median"] / 1e9
+            operations = figure_flops(sd, figure, flops)
+            if operations:
+                gflops = operations / median(ours) / 1e9
                 peak = peaks["bf16_gflops" if compute_dtype(DTYPES[sd["dtype"]], CPU) == torch.bfloat16 else "fp32_gflops"]
                 rate = f"{gflops:8.1f} ({100 * gflops / peak:3.0f} %)"
             ratio = f"{median(ours) / median(theirs):8.2f}" if theirs else f"{'-':>8}"
             if "ratio_of_turns" in sd:
                 rate = f"median of ratios {sd['ratio_of_turns']['median']:.2f}"
-            lines.append(f"{name:34} {figure:14} {pair_text(ours):>15} {pair_text(theirs):>18} {ratio} {rate:>24}")
+            lines.append(f"{name:{width}} {figure:26} {pair_text(ours):>15} {pair_text(theirs):>18} {ratio} {rate:>24}")
     return lines
+
+
+def figure_flops(result: dict, figure: str, flops: dict) -> float | None:
+    """The floating-point operations behind a wall-time figure, where stage_flops counts them: each component,
+    and a hires run's U-Net steps of either pass and its decode (untiled: tiles overlap, which adds work)."""
+    if result["group"] == "components":
+        return flops.get((figure[:-2], result["size"]))
+    if result["group"] != "hires":
+        return None
+    stages = {"unet_step_s": ("unet_step", result["base"]), "hires_unet_step_s": ("unet_step", result["size"])}
+    if not result["tiled"]:
+        stages["decode_s"] = ("vae_decode", result["size"])
+    return flops.get(stages[figure]) if figure in stages else None
 
 
 def median(figure) -> float:
@@ -405,13 +540,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode"], help="decode: sd's decode alone, untiled and tiled (not run by default)")
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts"],
+                        help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
     parser.add_argument("--decode-sizes", nargs="+", type=int, default=[1024, 2048], help="image sides for --only decode (default 1024 2048)")
     parser.add_argument("--decode-tile", type=int, default=64, help="the tiled decode's tile, in latents (default 64: 512 pixels)")
     parser.add_argument("--steps", type=int, default=20, help="txt2img steps (default 20)")
+    parser.add_argument("--hires-sizes", nargs="+", type=int, default=[512, 1024, 2048], help="image sides for --only hires (default 512 1024 2048)")
+    parser.add_argument("--hires-base", type=int, default=512, help="--only hires: the first pass's side; larger sizes are hires fix from it (default 512)")
+    parser.add_argument("--hires-first-steps", type=int, default=2, help="--only hires: the first pass's steps (default 2)")
+    parser.add_argument("--hires-steps", type=int, default=1, help="--only hires: the hires pass's steps (default 1)")
+    parser.add_argument("--tiled-from", type=int, default=2048, help="--only hires: the smallest side decoded in tiles (default 2048)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = parser.parse_args()
@@ -438,7 +579,8 @@ def main() -> None:
         psnrs = image_psnrs(folder)
     peaks = next(result for result in results if result["group"] == "peaks")
     results = merge_results(results)
-    lines = table(results, stage_flops(args.sizes), peaks)
+    sizes = sorted({result[key] for result in results for key in ("size", "base") if key in result})
+    lines = table(results, stage_flops(sizes), peaks)
     lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
     print("\n" + "\n".join(lines))
