@@ -59,7 +59,7 @@ from sd.layers import linear_as_convolution  # noqa: E402
 from sd.precision import DTYPES, compute_dtype, cpu_has_bf16  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-LONG_PROMPT = ", ".join([PROMPT] * 18)  # 18 x 9 tokens: three chunks of 75
+LONG_PROMPT = ", ".join([PROMPT] * 18)  # 18 x 8 tokens and 17 commas: three chunks of 75
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,

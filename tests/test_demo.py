@@ -74,9 +74,17 @@ TINY = training.TrainingConfig(
 )
 
 
-def test_training_lowers_the_loss_and_writes_a_checkpoint_load_models_reads(tmp_path):
-    output = training.train(TINY, tmp_path / "state.pt", tmp_path / "tiny.safetensors", progress=False)
-    losses = torch.load(tmp_path / "state.pt", weights_only=True)["losses"]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A whole run of TINY: its training state and its checkpoint, which the tests below only read."""
+    folder = tmp_path_factory.mktemp("trained")
+    output = training.train(TINY, folder / "state.pt", folder / "tiny.safetensors", progress=False)
+    return folder / "state.pt", output
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint_load_models_reads(trained):
+    state, output = trained
+    losses = torch.load(state, weights_only=True)["losses"]
     assert losses[-10:].mean() < 0.9 * losses[:10].mean()
     models = load_models(output)
     assert models["diffusion"].config == TINY.unet
@@ -85,9 +93,9 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint_load_models_reads(tmp_
     assert image.size == (64, 64)
 
 
-def test_a_stopped_run_resumes_where_it_was_saved(tmp_path, monkeypatch):
+def test_a_stopped_run_resumes_where_it_was_saved(trained, tmp_path, monkeypatch):
     """Stopped in the U-Net stage between two saves, then run again: the same weights as a run never stopped."""
-    whole = training.train(TINY, tmp_path / "whole.pt", tmp_path / "whole.safetensors", progress=False)
+    _, whole = trained
     original_update = training.update_ema
 
     def stop_at_step_25(run):
@@ -107,10 +115,10 @@ def test_a_stopped_run_resumes_where_it_was_saved(tmp_path, monkeypatch):
             torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
 
 
-def test_a_run_with_other_settings_is_not_resumed(tmp_path):
-    training.train(TINY, tmp_path / "state.pt", tmp_path / "tiny.safetensors", progress=False)
+def test_a_run_with_other_settings_is_not_resumed(trained):
+    state, _ = trained
     with pytest.raises(SystemExit, match="holds a run with other settings"):
-        training.resume(dataclasses.replace(TINY, seed=1), tmp_path / "state.pt")
+        training.resume(dataclasses.replace(TINY, seed=1), state)
 
 
 # The shipped model's real outputs
@@ -167,10 +175,12 @@ def test_inpainting_recolours_the_masked_object_and_nothing_else(demo):
 
 @UNDER_TRAINED
 def test_guidance_makes_the_images_follow_the_prompt(demo):
-    renders = render_all(demo, (7.5, 1.0), images_per_caption=1, seed=11, **COMMAND_DEFAULTS)
-    guided = accuracy([r for r in renders if r.cfg == 7.5])["all three"]
-    unguided = accuracy([r for r in renders if r.cfg == 1.0])["all three"]
-    assert guided >= 90 and guided > unguided + 10, (guided, unguided)
+    """The unguided images, the control, are rendered only once the guided ones reach the target (each render
+    depends on its caption, CFG and seed alone)."""
+    guided = accuracy(render_all(demo, (7.5,), images_per_caption=1, seed=11, **COMMAND_DEFAULTS))["all three"]
+    assert guided >= 90, guided
+    unguided = accuracy(render_all(demo, (1.0,), images_per_caption=1, seed=11, **COMMAND_DEFAULTS))["all three"]
+    assert guided > unguided + 10, (guided, unguided)
 
 
 def test_unknown_words_are_named_in_one_warning(demo, caplog):

@@ -96,8 +96,11 @@ def test_half_precision_checkpoint_loads_into_any_dtype(tmp_path):
     q/k/v projections, and compute in whatever dtype they are asked for."""
     from checkpoints import random_sd15_state_dict, write_checkpoint
 
+    half = random_sd15_state_dict(seed=5, dtype=torch.float16)  # drawn once: the bf16 file holds the same weights
     for stored in (torch.float16, torch.bfloat16):
-        path = write_checkpoint(random_sd15_state_dict(seed=5, dtype=stored), tmp_path / f"half-{stored}.safetensors")
+        weights = {name: value.to(stored) if value.dtype == torch.float16 else value for name, value in half.items()}
+        path = write_checkpoint(weights, tmp_path / f"half-{stored}.safetensors")
+        del weights
         for target in (torch.float32, torch.bfloat16):
             models = load_models(path, dtype=target)
             for name in ("diffusion", "decoder"):
