@@ -23,7 +23,7 @@ from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompt_schedule import Timeline
-from .prompts import ContextSchedule, embeddings_used, guidance_contexts
+from .prompts import ContextSchedule, guidance_contexts
 from .samplers import KnownRegion, sample, total_steps
 from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 
@@ -137,7 +137,7 @@ def generate(
         guided = cfg_scale != 1.0
         with on_device(models["clip"], device, idle_device):
             # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
-            contexts = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
+            contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
@@ -164,7 +164,6 @@ def generate(
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
     if known is not None:
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
-    used = embeddings_used(settings, guided, pass_timelines(settings), embeddings)
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
                    ti_hashes={name: embedding.short_hash for name, embedding in used.items()})

@@ -218,8 +218,11 @@ def encode_prompt(models: dict, text: str, clip_skip: int = 1, emphasis: str = "
     `embeddings` (sd/embeddings.py): their trigger words in the text stand for their vectors."""
     if emphasis not in EMPHASIS_MODES:
         raise SDError(f"unknown emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
-    clip = models["clip"]
-    chunks, placements = chunk_prompt(text, emphasis, embeddings)
+    return encode_chunks(models["clip"], *chunk_prompt(text, emphasis, embeddings), clip_skip, emphasis, dtype)
+
+
+def encode_chunks(clip: torch.nn.Module, chunks: list, placements: list[Placement], clip_skip: int, emphasis: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """encode_prompt() of a prompt's chunks and its embeddings' placements (chunk_prompt)."""
     device = clip.position_embedding.device
     tokens = torch.tensor([ids for ids, _ in chunks], device=device)  # (k, 77)
     inputs = token_vectors(clip, tokens, placements, dtype) if placements else None
@@ -259,32 +262,26 @@ def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) 
 
 
 def guidance_contexts(models: dict, settings: "Settings", num_images: int, guided: bool, timelines: list[Timeline], dtype: torch.dtype | None = None,
-                      embeddings: Mapping[str, Embedding] | None = None) -> list["ContextSchedule"]:
+                      embeddings: Mapping[str, Embedding] | None = None) -> tuple[list["ContextSchedule"], dict[str, Embedding]]:
     """The context of each sampling pass (one Timeline each: hires fix has two), as the prompt and negative
     prompt read at each of its steps (sd/prompt_schedule.py); each distinct text is encoded once, now, while
-    the text encoder is loaded, with the `embeddings` it names."""
+    the text encoder is loaded, with the `embeddings` it names. And the embeddings placed, by name, in the order
+    met: the negative prompt's first (A1111's "TI hashes" name them)."""
     texts = [settings.negative_prompt] * guided + [settings.prompt]
     encodings: dict[str, torch.Tensor] = {}
+    used: dict[str, Embedding] = {}
 
     def encode(text: str) -> torch.Tensor:  # (1, 77k, 768)
         if text not in encodings:
-            encodings[text] = encode_prompt(models, text, settings.clip_skip, settings.emphasis, dtype, embeddings)
+            chunks, placements = chunk_prompt(text, settings.emphasis, embeddings)
+            used.update((placement.embedding.name, placement.embedding) for placement in placements)
+            encodings[text] = encode_chunks(models["clip"], chunks, placements, settings.clip_skip, settings.emphasis, dtype)
         return encodings[text]
 
     passes = [[[(end, encode(text)) for end, text in prompt_schedule(text, timeline)] for text in texts] for timeline in timelines]
     lengths = {encoding.shape[1] for encoding in encodings.values()}
     empty = encode("") if len(lengths) > 1 else None
-    return [ContextSchedule(schedules, empty, num_images) for schedules in passes]
-
-
-def embeddings_used(settings: "Settings", guided: bool, timelines: list[Timeline], embeddings: Mapping[str, Embedding] | None) -> dict[str, Embedding]:
-    """The embeddings that guidance_contexts() places, by name: those of the negative prompt (when guided), then
-    the prompt's, at any step of any pass, in order (A1111's "TI hashes" name them)."""
-    if not embeddings:
-        return {}
-    texts = dict.fromkeys(text for timeline in timelines for prompt in [settings.negative_prompt] * guided + [settings.prompt]
-                          for _, text in prompt_schedule(prompt, timeline))
-    return {placement.embedding.name: placement.embedding for text in texts for placement in chunk_prompt(text, settings.emphasis, embeddings)[1]}
+    return [ContextSchedule(schedules, empty, num_images) for schedules in passes], used
 
 
 class ContextSchedule:

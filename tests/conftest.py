@@ -30,6 +30,15 @@ def ckpt_checkpoint(checkpoint_files):
 
 
 @pytest.fixture(scope="module")
+def demo():
+    """The built-in demo model, loaded once per test file (small: no lock needed)."""
+    from sd import load_models
+    from sd.pipeline import DEMO_CHECKPOINT
+
+    return load_models(DEMO_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
 def models(safetensors_checkpoint):
     """Our models from the random checkpoint, loaded once per test file and freed after it (4.3 GB)."""
     from sd import load_models

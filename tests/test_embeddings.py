@@ -19,13 +19,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cli
-from sd import Settings, embeddings, generate, load_embeddings, load_models
+from sd import Settings, embeddings, generate, load_embeddings
 from sd.embeddings import Embedding
 from sd.errors import SDError
-from sd.pipeline import DEMO_CHECKPOINT
 from sd.prompt_schedule import Timeline
 from sd.prompts import chunk_prompt, encode_prompt, guidance_contexts, prompt_chunks
 from sd.settings import read_infotext
+from test_prompts import chunk, words
 
 TRIGGER = "tiemb"  # two tokens, "tiem" "b", none of them a word of its own
 BOS, EOS, COMMA, A, B, TI = 49406, 49407, 267, 320, 321, 0  # TI: the placeholder of an embedding's vector
@@ -168,15 +168,6 @@ def test_a_folder_given_must_exist_the_default_need_not(tmp_path, monkeypatch):
 EMBEDDINGS = {name: Embedding(name, random_vectors(count), "0" * 64) for name, count in ((TRIGGER, 2), (f"{TRIGGER}-two", 3), ("long", 75))}
 
 
-def chunk(ids: list[int], weights: list[float] | None = None) -> tuple[list[int], list[float]]:
-    padding = 75 - len(ids)
-    return [BOS, *ids] + [EOS] * (padding + 1), [1.0, *(weights or [1.0] * len(ids))] + [1.0] * (padding + 1)
-
-
-def words(word: str, count: int) -> str:
-    return " ".join([word] * count)
-
-
 PLACEMENT_CASES = {
     "in a prompt": ("a tiemb b", [chunk([A, TI, TI, B])], [(0, 2, TRIGGER)]),
     "twice": ("tiemb b tiemb", [chunk([TI, TI, B, TI, TI])], [(0, 1, TRIGGER), (0, 4, TRIGGER)]),
@@ -289,18 +280,13 @@ def test_emphasis_weighs_the_embeddings_vectors(models, reference_text_encoder, 
 # The render, on the demo model (its text encoder is 64 wide: these embeddings are made for it)
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return load_models(DEMO_CHECKPOINT)
-
-
 DEMO_EMBEDDINGS = {name: Embedding(name, random_vectors(2, width=64, seed=seed), f"{seed}" * 64) for name, seed in (("tiemb", 1), ("unused", 2), ("neg", 3))}
 
 
 def test_a_trigger_in_the_negative_prompt_is_encoded(demo, caplog):
     settings = Settings("a red circle", negative_prompt="neg square")
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="sd"):
-        contexts, = guidance_contexts(demo, settings, 1, True, [Timeline(10)], embeddings=DEMO_EMBEDDINGS)
+        (contexts,), _ = guidance_contexts(demo, settings, 1, True, [Timeline(10)], embeddings=DEMO_EMBEDDINGS)
         context = contexts(0)
         negative = encode_prompt(demo, settings.negative_prompt, embeddings=DEMO_EMBEDDINGS)
         as_words = encode_prompt(demo, settings.negative_prompt)

@@ -19,19 +19,13 @@ from PIL.PngImagePlugin import PngInfo
 from test_pipeline_parity import PROMPT, assert_same_image, both, scheduler  # noqa: F401 (both: a fixture)
 
 import cli
-from sd import SDError, Settings, generate, load_models
+from sd import SDError, Settings, generate
 from sd.diffusion import UNet
 from sd.hires import hires_schedule
-from sd.pipeline import DEMO_CHECKPOINT
 from sd.schedule import euler_schedule, leading_timesteps
 from sd.settings import read_infotext
 
 DEMO_PROMPT = "a red circle on the left"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_models(DEMO_CHECKPOINT)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from the rules there.
 import pytest
 import torch
 
-from sd import generate, load_models
-from sd.pipeline import DEMO_CHECKPOINT, pass_timelines
+from sd import generate
+from sd.pipeline import pass_timelines
 from sd.prompt_schedule import Timeline, prompt_schedule
 from sd.prompts import encode_prompt
 from sd.samplers import total_steps
@@ -76,11 +76,6 @@ def test_a_second_order_sampler_counts_two_steps_for_each():
 
 
 # The U-Net's calls on the demo model: the context each gets, and how many texts are encoded
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_models(DEMO_CHECKPOINT)
 
 
 @pytest.fixture

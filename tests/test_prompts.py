@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 import cli
 
-from sd import Settings, generate, load_models
+from sd import Settings, generate
 from sd.errors import SDError
-from sd.pipeline import DEMO_CHECKPOINT
 from sd.prompt_schedule import Timeline
 from sd.prompts import encode_prompt, guidance_contexts, parse_prompt, prompt_chunks
 from sd.tokenizer import load_clip_tokenizer
@@ -181,14 +180,9 @@ def test_encode_prompt_equals_a1111s_rule_on_transformers_clip(models, reference
 # The render's context, on the demo model (its text encoder is small: these need no lock)
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return load_models(DEMO_CHECKPOINT)
-
-
 def guidance_context(models, settings, num_images, guided):
     """The context of a render of one pass (of 10 steps; these prompts have no edits)."""
-    contexts, = guidance_contexts(models, settings, num_images, guided, [Timeline(10)])
+    (contexts,), _ = guidance_contexts(models, settings, num_images, guided, [Timeline(10)])
     return contexts
 
 

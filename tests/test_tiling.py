@@ -41,7 +41,7 @@ from reference import _build_on_meta, read_original
 from safetensors import safe_open
 from torch import nn
 
-from sd import SDError, load_models
+from sd import SDError
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.tiling import run_tiled
 
@@ -105,11 +105,6 @@ def compare_encode(ours, vae, x: torch.Tensor, tile: int, what: str) -> None:
 
 
 # The demo model's small VAE: the default tile at a cheap price
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_models(DEMO_CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
