@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
-from sd.embeddings import Embedding, load_embeddings
+from sd.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
@@ -399,7 +399,7 @@ def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
 
 def warn_of_other_embeddings(path: Path, made: Settings, embeddings: dict[str, Embedding]) -> None:
     """One line for each embedding the image names (by A1111's name for it) that is missing here or differs."""
-    ours = {re.sub("[,:]", "", name): embedding.short_hash for name, embedding in embeddings.items()}
+    ours = {infotext_name(name): embedding.short_hash for name, embedding in embeddings.items()}
     for name, short_hash in made.ti_hashes.items():
         if name not in ours:
             click.echo(f"warning: {path} was made with the embedding {name} ({short_hash}), which is not among the embeddings: "

@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import pickle
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class Embedding:
     @property
     def short_hash(self) -> str:
         return self.sha256[:12]
+
+
+def infotext_name(name: str) -> str:
+    """The trigger word as A1111 writes it in "TI hashes": without the commas and colons that would split the field."""
+    return re.sub("[,:]", "", name)
 
 
 def load_embeddings(folder: str | Path | None = None) -> dict[str, Embedding]:

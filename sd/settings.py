@@ -23,6 +23,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .embeddings import infotext_name
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
 from .model_loader import LATENT_FACTOR
@@ -154,8 +155,7 @@ class Settings:
             "Inpainted": "yes" if self.inpainted else None,
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
-            # as A1111: the names without the commas and colons that would split the field
-            "TI hashes": ", ".join(f"{re.sub('[,:]', '', name)}: {short}" for name, short in self.ti_hashes.items()) or None,
+            "TI hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.ti_hashes.items()) or None,
             # as A1111: only where the mode makes a difference to brackets
             "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
         }
