@@ -119,27 +119,50 @@ def test_image_to_image_matches_diffusers(both, name):
     assert_same_image(actual, expected, f"{name} image-to-image pipeline")
 
 
-def test_a1111_prompt_matches_diffusers_given_its_conditioning(both):
-    """A long weighted prompt, clip skip 2: our render equals diffusers' pipeline given A1111's conditioning
-    computed from transformers' CLIP (tests/reference.py), the negative prompt padded with the empty prompt's."""
+def test_a1111_prompt_matches_diffusers_given_its_conditioning(both, tmp_path):
+    """A long weighted prompt with a textual-inversion embedding, clip skip 2: our render equals diffusers' pipeline
+    given A1111's conditioning computed from transformers' CLIP (tests/reference.py), the negative prompt padded
+    with the empty prompt's. diffusers' load_textual_inversion adds the embedding's vectors to CLIP's vocabulary
+    as new tokens; the reference puts those tokens where our chunking placed the embedding."""
     from diffusers import StableDiffusionPipeline
     from reference import a1111_conditioning
+    from test_embeddings import TRIGGER, random_vectors, write_embedding
 
-    from sd.prompts import prompt_chunks
+    from sd import load_embeddings
+    from sd.prompts import chunk_prompt
 
     ours, reference = both
-    prompt = "(masterpiece:1.2), a [red] house, " + ", ".join(["((tall)) tree"] * 24) + " BREAK (sky:0.7)"  # 3 chunks
-    negative = "(blurry:1.3), text"
-    chunks = prompt_chunks(prompt)
-    assert len(chunks) == 3
-    embeds, negative_embeds, empty = (a1111_conditioning(reference.text_encoder, prompt_chunks(text), clip_skip=2) for text in (prompt, negative, ""))
-    negative_embeds = torch.cat([negative_embeds, empty, empty], dim=1)  # (1, 77, 768) -> (1, 231, 768)
+    embedding_file = write_embedding(tmp_path, "a1111.pt", random_vectors(2, seed=7))
+    embeddings = load_embeddings(tmp_path)
+    # 3 chunks, the embedding weighted in the second and in the negative prompt
+    prompt = "(masterpiece:1.2), a [red] house, " + ", ".join(["((tall)) tree"] * 24) + f", ({TRIGGER}:1.1) BREAK (sky:0.7)"
+    negative = f"(blurry:1.3), text, {TRIGGER}"
     pipeline = StableDiffusionPipeline(**{**reference.components, "scheduler": scheduler("ddim")})
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
-    expected = pipeline(
-        prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=2, guidance_scale=7.5,
-        height=64, width=64, latents=latents.clone(), output_type="np",
-    ).images[0]
+    pipeline.load_textual_inversion(str(embedding_file), token=TRIGGER)
+    try:
+        vector_ids = pipeline.tokenizer.convert_tokens_to_ids([TRIGGER, f"{TRIGGER}_1"])
+
+        def conditioning(text: str) -> torch.Tensor:
+            chunks, placements = chunk_prompt(text, embeddings=embeddings)
+            for chunk, position, _ in placements:
+                chunks[chunk][0][position:position + 2] = vector_ids
+            return a1111_conditioning(pipeline.text_encoder, chunks, clip_skip=2), [chunk for chunk, _, _ in placements]
+
+        (embeds, placed), (negative_embeds, _), (empty, _) = (conditioning(text) for text in (prompt, negative, ""))
+        assert embeds.shape[1] == 3 * 77 and placed == [1]
+        negative_embeds = torch.cat([negative_embeds, empty, empty], dim=1)  # (1, 77, 768) -> (1, 231, 768)
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+        expected = pipeline(
+            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=2, guidance_scale=7.5,
+            height=64, width=64, latents=latents.clone(), output_type="np",
+        ).images[0]
+    finally:
+        pipeline.unload_textual_inversion()  # the shared text encoder as it was
     actual = generate(prompt, negative_prompt=negative, clip_skip=2, sampler="ddim", steps=2, cfg_scale=7.5, width=64, height=64,
-                      latents=latents, models=ours, progress=False)[0]
+                      latents=latents, models=ours, embeddings=embeddings, progress=False)[0]
+    as_words = generate(prompt, negative_prompt=negative, clip_skip=2, sampler="ddim", steps=2, cfg_scale=7.5, width=64, height=64,
+                        latents=latents, models=ours, progress=False)[0]
+    effect = np.abs(np.asarray(as_words, dtype=np.float64) - np.round(expected * 255)).max()
+    print(f"the trigger read as words instead: max pixel difference {effect:.0f}/255")
+    assert effect > 8  # the embedding's vectors matter: placed wrongly or not at all, the test would see it
     assert_same_image(actual, expected, "A1111 prompt pipeline")
