@@ -156,11 +156,12 @@ def test_bf16_models_take_the_file_in_bf16(files):
 def test_generate_loads_the_vae_file_with_the_models(files):
     settings = dict(steps=1, seed=0, progress=False, dtype=torch.float32)  # as load_models's
     image, = generate("a red circle", checkpoint=files["host"], vae=files["prefixed.safetensors"], **settings)
-    image_swapped, = generate("a red circle", models=load_models(files["host"], vae=files["diffusers.safetensors"]), **settings)
+    models = load_models(files["host"], vae=files["diffusers.safetensors"])
+    image_loaded, = generate("a red circle", models=models, **settings)
     own, = generate("a red circle", checkpoint=files["host"], **settings)
-    assert image.tobytes() == image_swapped.tobytes() != own.tobytes()
+    assert image.tobytes() == image_loaded.tobytes() != own.tobytes()
     with pytest.raises(SDError, match="give it to load_models"):
-        generate("a red circle", models=load_models(files["host"]), vae=files["bare.ckpt"], **settings)
+        generate("a red circle", models=models, vae=files["bare.ckpt"], **settings)
 
 
 # The image's settings
