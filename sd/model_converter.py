@@ -253,7 +253,14 @@ def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size, dtype: torch.d
     if len(shape) == 2:
         # (C_out, C_in, 1, 1) -> (C_out, C_in)
         ordered = [p.flatten(1) if p.dim() == 4 and p.shape[2:] == (1, 1) else p for p in ordered]
-    tensor = ordered[0] if len(ordered) == 1 else torch.cat([p.to(dtype) for p in ordered])
+    if len(ordered) == 1:
+        tensor = ordered[0]
+    elif any(p.shape[1:] != ordered[0].shape[1:] for p in ordered):
+        return None
+    elif ordered[0].is_meta:  # a check of names and shapes (sd/model_loader.py): torch.cat there costs a 1.8 s import
+        tensor = ordered[0].new_empty((sum(len(p) for p in ordered), *ordered[0].shape[1:]), dtype=dtype)
+    else:
+        tensor = torch.cat([p.to(dtype) for p in ordered])
     return tensor if tensor.shape == shape else None
 
 

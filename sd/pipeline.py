@@ -85,7 +85,7 @@ def generate(
     stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
 
     `vae`: a VAE file to stand in for the checkpoint's (sd/vae_file.py), for the models generate() loads; given
-    `models`, swap their VAE with sd.model_loader.swap_vae instead.
+    `models`, swap their VAE with swap_vae (sd/model_loader.py) instead.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
