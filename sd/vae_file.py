@@ -47,7 +47,10 @@ def read_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise SDError(f"VAE file not found: {path}; {VAE_HINT}")
-    tensors = read_checkpoint(path, hint=VAE_HINT)
+    try:
+        tensors = read_checkpoint(path, hint=VAE_HINT)
+    except SDError as error:  # the file named, not yet what it was meant for
+        raise SDError(f"VAE file: {error}") from None
     if any(key.startswith(WHOLE_CHECKPOINT) for key in tensors):
         kind = next((kind for prefix, kind in OTHER_MODELS if any(key.startswith(prefix) for key in tensors)), "a whole checkpoint")
         raise SDError(f"VAE file {path} is {kind}, not a VAE alone: give a checkpoint as --checkpoint; {VAE_HINT}")
