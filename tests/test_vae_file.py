@@ -29,6 +29,7 @@ from sd import SDError, Settings, generate, load_models, model_hash
 from sd.model_loader import swap_vae
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.settings import read_infotext
+from sd.vae_file import original_name, vae_target
 from sd.vae import VAEConfig
 from test_parity import RELATIVE_TOLERANCE, assert_close
 
@@ -101,6 +102,27 @@ def decode_and_encode(models: dict) -> tuple[torch.Tensor, torch.Tensor]:
     latents, image, noise = vae_inputs()
     with torch.inference_mode():
         return models["decoder"](latents), models["encoder"](image, noise)
+
+
+NAMES = {  # a VAE file's name -> the original's, as sd/vae_file.py reads it (4 levels, as SD 1.5's)
+    "encoder.conv_in.weight": "first_stage_model.encoder.conv_in.weight",
+    "first_stage_model.quant_conv.bias": "first_stage_model.quant_conv.bias",
+    "vae.post_quant_conv.weight": "first_stage_model.post_quant_conv.weight",
+    "encoder.down_blocks.1.resnets.0.conv_shortcut.weight": "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+    "encoder.down_blocks.2.downsamplers.0.conv.bias": "first_stage_model.encoder.down.2.downsample.conv.bias",
+    "decoder.up_blocks.0.resnets.2.norm1.weight": "first_stage_model.decoder.up.3.block.2.norm1.weight",
+    "decoder.up_blocks.2.upsamplers.0.conv.weight": "first_stage_model.decoder.up.1.upsample.conv.weight",
+    "decoder.mid_block.resnets.1.conv2.weight": "first_stage_model.decoder.mid.block_2.conv2.weight",
+    "encoder.mid_block.attentions.0.group_norm.bias": "first_stage_model.encoder.mid.attn_1.norm.bias",
+    "encoder.mid_block.attentions.0.to_out.0.weight": "first_stage_model.encoder.mid.attn_1.proj_out.weight",
+    "decoder.mid_block.attentions.0.value.bias": "first_stage_model.decoder.mid.attn_1.v.bias",
+    "decoder.conv_norm_out.weight": "first_stage_model.decoder.norm_out.weight",
+}
+
+
+def test_each_layouts_names_read_as_the_originals():
+    assert {key: original_name(key, levels=4) for key in NAMES} == NAMES
+    assert vae_target("loss.discriminator.main.0.weight", 4) is None and vae_target("model_ema.decay", 4) is None
 
 
 @pytest.fixture(scope="module")
