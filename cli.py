@@ -23,7 +23,7 @@ from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
-from sd.model_loader import image_size
+from sd.model_loader import check_vae, image_size
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
@@ -154,6 +154,10 @@ class Job:
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help=f"An SD 1.x .safetensors or .ckpt, or {DEMO_NAME} for the built-in demo model. Default: $SD_CHECKPOINT, "
                    "else data/v1-5-pruned-emaonly.safetensors or .ckpt, else the demo model.")
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A VAE file to use instead of the checkpoint's own, e.g. vae-ft-mse-840000-ema-pruned.safetensors (.safetensors "
+                   "or .ckpt; the original's names, bare or under first_stage_model., or diffusers'). The image's settings name "
+                   "it (VAE, VAE hash); --from does not pick it, it warns where the image's differs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks CUDA, then MPS, then the CPU.")
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
@@ -176,7 +180,7 @@ class Job:
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
                      emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
-                     hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
+                     hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, vae, device, vae_tiling, dtype, output, outdir,
                      overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
@@ -201,6 +205,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         raise SDError("hires fix is text-to-image only, as in AUTOMATIC1111: leave out --input, or the hires options")
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    if vae is not None:
+        check_vae(vae, checkpoint)
     embeddings = load_embeddings(embeddings_folder)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
@@ -225,9 +231,10 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_another_model(from_image, image.settings, checkpoint)
     if image is not None:
         warn_of_other_embeddings(from_image, image.settings, embeddings)
+        warn_of_another_vae(from_image, image.settings, vae)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, vae, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -276,17 +283,17 @@ def describe(path: Path) -> dict:
         return {**result, "settings": None, "unusable": str(error)}
 
 
-def render(jobs: list[Job], inputs: dict, checkpoint: Path, device, dtype: str):
+def render(jobs: list[Job], inputs: dict, checkpoint: Path, vae: Path | None, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
     generate()'s input image, mask, VAE tiling and embeddings."""
-    models = load(checkpoint, device, dtype)
-    short_hash, sampling = None, 0.0
+    models = load(checkpoint, vae, device, dtype)
+    files, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
         image, = generate(job.settings, models=models, device=device, **inputs)
         sampling += time.perf_counter() - started
-        short_hash = short_hash or checkpoint_hash(checkpoint)  # only now: it reads the whole checkpoint once
-        made = replace(image.info["sd"], model_hash=short_hash, model=checkpoint.stem)
+        files = files or model_files(checkpoint, vae)  # only now: it reads the whole checkpoint once
+        made = replace(image.info["sd"], **files)
         save_png(image, job.path, made.to_infotext())
         yield job.path
     click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
@@ -390,7 +397,7 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
 
 
 def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
-    short_hash = checkpoint_hash(checkpoint)
+    short_hash = file_hash(checkpoint, "checkpoint")
     if made.model_hash != short_hash:
         model = f" ({made.model})" if made.model else ""
         click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
@@ -406,6 +413,21 @@ def warn_of_other_embeddings(path: Path, made: Settings, embeddings: dict[str, E
                        f"its word is read as text (see --embeddings)", err=True)
         elif ours[name] != short_hash:
             click.echo(f"warning: {path} was made with the embedding {name} {short_hash}, not the {ours[name]} here: the image will differ", err=True)
+
+
+def warn_of_another_vae(path: Path, made: Settings, vae: Path | None) -> None:
+    """One line where the image names a VAE file that differs from this render's. The image cannot say where the
+    file is (A1111 writes its name), so --from does not pick it, as it does not pick the checkpoint."""
+    if made.vae_hash is None and made.vae is None:
+        return
+    theirs = f"{made.vae or 'file'} ({made.vae_hash})" if made.vae_hash else made.vae
+    if vae is None:
+        click.echo(f"warning: {path} was made with the VAE {theirs}, not the checkpoint's own: give that file as --vae, "
+                   f"or the image will differ", err=True)
+        return
+    ours = file_hash(vae, "VAE file")
+    if (made.vae_hash or made.vae) != (ours if made.vae_hash else vae.name):
+        click.echo(f"warning: {path} was made with the VAE {theirs}, not {vae.name} ({ours}): the image will differ", err=True)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:
@@ -501,15 +523,16 @@ def plan_memory(batch: list[Settings], checkpoint: Path, device, dtype: str, vae
     return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device)), device, stored, vae_tiling)
 
 
-def load(checkpoint: Path, device, dtype: str) -> dict:
+def load(checkpoint: Path, vae: Path | None, device, dtype: str) -> dict:
     started = time.perf_counter()
     try:
-        models = cached_models(checkpoint, device, weights_dtype(dtype, device))
+        models = cached_models(checkpoint, device, weights_dtype(dtype, device), vae)
     except SDError as error:
         raise SDError(f"{error}; or {CHECKPOINT_HELP}") from None
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error}); {CHECKPOINT_HELP}") from None
-    click.echo(f"loaded {checkpoint.name} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
+    with_vae = f" with the VAE {vae.name}" if vae is not None else ""
+    click.echo(f"loaded {checkpoint.name}{with_vae} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
 
 
@@ -521,13 +544,23 @@ def precision(models: dict, device) -> str:
     return names[stored] if compute == stored else f"{names[stored]} weights, {names[compute]} compute"
 
 
-def checkpoint_hash(checkpoint: Path) -> str:
-    if model_hash.cached_sha256(checkpoint) is None:
-        click.echo(f"hashing {checkpoint.name} for the image metadata (once: the hash is cached)", err=True)
+def model_files(checkpoint: Path, vae: Path | None) -> dict:
+    """The settings that name the checkpoint and the VAE file: A1111's Model hash, Model, VAE hash and VAE (none for
+    the checkpoint's own VAE, whatever a --from image named)."""
+    named = {"model_hash": file_hash(checkpoint, "checkpoint"), "model": checkpoint.stem, "vae_hash": None, "vae": None}
+    if vae is not None:
+        named.update(vae_hash=file_hash(vae, "VAE file"), vae=vae.name)
+    return named
+
+
+def file_hash(path: Path, what: str) -> str:
+    """A1111's short hash of a checkpoint or a VAE file (sha256[:10]), cached (sd/model_hash.py)."""
+    if model_hash.cached_sha256(path) is None:
+        click.echo(f"hashing {path.name} for the image metadata (once: the hash is cached)", err=True)
     try:
-        return model_hash.short_hash(checkpoint)
+        return model_hash.short_hash(path)
     except OSError as error:
-        raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error})") from None
+        raise SDError(f"cannot read {what} {path} ({error.strerror or error})") from None
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

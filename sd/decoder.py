@@ -24,6 +24,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
+        self.config = config
         self.scale_factor = config.scale_factor
         self.upscale = 2**last  # every level but the full-resolution one doubles the sides
         self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)

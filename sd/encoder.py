@@ -34,6 +34,7 @@ class Encoder(nn.Module):
         super().__init__()
         widths = config.widths
         last = len(widths) - 1
+        self.config = config
         self.scale_factor = config.scale_factor
         self.downscale = 2**last  # every level but the lowest halves the sides
         self.conv_in = Conv2d(config.image_channels, widths[0], 3, padding=1)

@@ -78,6 +78,8 @@ OTHER_MODELS = [
 ]
 
 SD15_HINT = "use an SD 1.x checkpoint such as v1-5-pruned-emaonly.safetensors"
+# convert's refusal of a checkpoint whose tensors do not fit our models
+CHECKPOINT_REFUSAL = "not an SD 1.x checkpoint: tensors {problems}; " + SD15_HINT
 
 
 def target_name(key: str) -> tuple[str, int] | None:
@@ -99,14 +101,15 @@ def target_name(key: str) -> tuple[str, int] | None:
     return name, 0
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors or a .ckpt (tensors only, never code), memory-mapped, read when used."""
+def read_checkpoint(path: str | Path, hint: str = SD15_HINT) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or a .ckpt (tensors only, never code), memory-mapped, read when used.
+    `hint`: what the errors tell the user to give instead."""
     path = Path(path)
     if not path.is_file():
-        raise SDError(f"checkpoint not found: {path}; {SD15_HINT}")
+        raise SDError(f"checkpoint not found: {path}; {hint}")
     if path.suffix == ".safetensors":
         return MappedSafetensors(path)
-    return _read_pickle(path)
+    return _read_pickle(path, hint)
 
 
 # safetensors dtype names -> torch
@@ -162,14 +165,14 @@ class MappedSafetensors(MappedCheckpoint):
             raise SDError(problem) from None
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path, hint: str) -> dict[str, torch.Tensor]:
     if not zipfile.is_zipfile(path):
         raise SDError(f"{path} is not a PyTorch checkpoint (no zip archive inside: truncated or another kind of file); download it again")
     try:
         # weights_only refuses anything but tensors and plain containers: a pickle cannot run code here.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))  # an unknown global, or one of a blocked module
         what = f"it would call {found.group(1)}" if found else "it holds more than tensors"
         raise SDError(f"refusing {path}: {what}, and a checkpoint must hold only tensors; use a .safetensors file from a trusted source") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
@@ -177,7 +180,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise SDError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of tensors; {SD15_HINT}")
+        raise SDError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of tensors; {hint}")
     # torch.load(mmap=True) maps the file privately (its default), so the tensors are file pages too
     return MappedCheckpoint((key, value) for key, value in checkpoint.items() if isinstance(value, torch.Tensor))
 
@@ -188,25 +191,27 @@ def _first_line(error: Exception) -> str:
 
 
 def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu",
-            channels_last: bool = False, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+            channels_last: bool = False, keep: tuple[str, ...] = (), target=target_name,
+            refusal: str = CHECKPOINT_REFUSAL) -> dict[str, torch.Tensor]:
     """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival, and with
     `channels_last` lays out convolution kernels as (C_out, kH, kW, C_in) in memory. Tensors whose new
     names start with a prefix in `keep` stay as the checkpoint has them (dtype, layout and memory-mapped
     pages), except fused ones, which become new tensors in `dtype`.
 
     Empties `checkpoint` as it goes, so that each original tensor can be freed once cast (a memory-mapped
-    one's pages are handed back). `expected` maps each of our parameter names to its shape. Raises SDError
-    naming every missing, unexpected or misshapen tensor.
+    one's pages are handed back). `expected` maps each of our parameter names to its shape; `target` names a
+    key's parameter as target_name does (the VAE files' own layouts have theirs, sd/vae_file.py). Raises
+    SDError, `refusal` with its {problems} named: every missing, unexpected or misshapen tensor.
     """
     parts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected, original_names = [], {}
     mapped = isinstance(checkpoint, MappedCheckpoint)
     while checkpoint:
         key, tensor = checkpoint.popitem()
-        target = target_name(key)
-        if target is None:
+        found = target(key)
+        if found is None:
             continue
-        name, part = target
+        name, part = found
         if name not in expected:
             unexpected.append(key)
             continue
@@ -235,7 +240,7 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     if wrong_shapes:
         problems.append(f"{len(wrong_shapes)} with the wrong shape ({_some(wrong_shapes)})")
     if problems:
-        raise SDError(f"not an SD 1.x checkpoint: tensors {'; '.join(problems)}; {SD15_HINT}")
+        raise SDError(refusal.format(problems="; ".join(problems)))
     return state
 
 
@@ -248,7 +253,14 @@ def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size, dtype: torch.d
     if len(shape) == 2:
         # (C_out, C_in, 1, 1) -> (C_out, C_in)
         ordered = [p.flatten(1) if p.dim() == 4 and p.shape[2:] == (1, 1) else p for p in ordered]
-    tensor = ordered[0] if len(ordered) == 1 else torch.cat([p.to(dtype) for p in ordered])
+    if len(ordered) == 1:
+        tensor = ordered[0]
+    elif any(p.shape[1:] != ordered[0].shape[1:] for p in ordered):
+        return None
+    elif ordered[0].is_meta:  # a check of names and shapes (sd/model_loader.py): torch.cat there costs a 1.8 s import
+        tensor = ordered[0].new_empty((sum(len(p) for p in ordered), *ordered[0].shape[1:]), dtype=dtype)
+    else:
+        tensor = torch.cat([p.to(dtype) for p in ordered])
     return tensor if tensor.shape == shape else None
 
 

@@ -1,4 +1,5 @@
-"""The sha256 of a checkpoint (the "Model hash" of image metadata), cached so that each file is read once.
+"""The sha256 of a checkpoint or a VAE file (the "Model hash" and "VAE hash" of image metadata), cached so that
+each file is read once.
 
 The cache is a small JSON file, `model_hashes.json` in $SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or
 ~/.cache/sd, keyed by the file's resolved path; an entry counts only while the file's size and

@@ -1,6 +1,7 @@
 """Builds our four models without initialising them and fills them straight from a checkpoint."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,8 +13,9 @@ from .diffusion import UNet, UNetConfig
 from .encoder import Encoder
 from .errors import SDError
 from .layers import pack_weights, packing_pays
-from .model_converter import convert, read_checkpoint, release_pages
+from .model_converter import CHECKPOINT_REFUSAL, convert, read_checkpoint, release_pages, target_name
 from .vae import VAEConfig
+from .vae_file import VAE_PREFIX, read_vae_file, vae_refusal, vae_target
 
 LATENT_FACTOR = 8  # the VAE shrinks each side 8 times
 UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
@@ -21,10 +23,12 @@ UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 MAPPED_MODELS = ("clip.", "encoder.")
 # Models whose weights are packed for oneDNN (see load_models).
 PACKED_MODELS = ("diffusion", "decoder")
+VAE_MODELS = ("encoder", "decoder")
 
 
-def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode.
+def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch.float32, vae: str | Path | None = None) -> dict[str, nn.Module]:
+    """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode. With `vae`,
+    a VAE file (sd/vae_file.py) stands in for the checkpoint's VAE, which is then never read (nor needed).
 
     The U-Net and the decoder hold their weights in `dtype`. On a CPU the text encoder and the VAE encoder,
     which run once per prompt or image, keep the checkpoint's memory-mapped tensors as they are (cast on
@@ -38,13 +42,57 @@ def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch
     # On the meta device a model has shapes but no memory and no random initialisation.
     with torch.device("meta"):
         models = {"clip": CLIP(clip_config), "encoder": Encoder(vae_config), "decoder": Decoder(vae_config), "diffusion": UNet(unet_config)}
-    expected = {f"{name}.{key}": value.shape for name, model in models.items() for key, value in model.state_dict().items()}
     device = torch.device(device)
+    if vae is not None:
+        load_vae_file(models, vae, device, dtype)  # first: a wrong file fails before the checkpoint is read
+        for key in [key for key in tensors if key.startswith(VAE_PREFIX)]:
+            del tensors[key]
+    fill({name: model for name, model in models.items() if vae is None or name not in VAE_MODELS}, tensors, device, dtype)
+    return models
+
+
+def swap_vae(models: dict[str, nn.Module], vae: str | Path) -> None:
+    """Replaces the encoder and the decoder of loaded `models` with those of a VAE file (sd/vae_file.py), on the
+    decoder's device, in the U-Net's dtype. The file is checked before the old VAE is let go, so that a wrong
+    file leaves the models as they were and the two VAEs are never in memory together."""
+    config = models["decoder"].config
+    check_vae_file(vae, config)
+    device, dtype = next(models["decoder"].parameters()).device, next(models["diffusion"].parameters()).dtype
+    with torch.device("meta"):  # the old VAE is let go here
+        models["encoder"], models["decoder"] = Encoder(config), Decoder(config)
+    load_vae_file(models, vae, device, dtype)
+
+
+def check_vae(vae: str | Path, checkpoint: str | Path) -> None:
+    """Refuses (SDError naming the file and its problem) a VAE file that cannot stand in for the checkpoint's
+    VAE, from the names and shapes in the two files, reading no weights."""
+    _, config, _ = model_configs(read_checkpoint(checkpoint), checkpoint)
+    check_vae_file(vae, config)
+
+
+def check_vae_file(vae: str | Path, config: VAEConfig) -> None:
+    with torch.device("meta"):
+        models = {"encoder": Encoder(config), "decoder": Decoder(config)}
+    load_vae_file(models, vae, torch.device("meta"), torch.float32)  # on the meta device nothing is read
+
+
+def load_vae_file(models: dict[str, nn.Module], vae: str | Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Fills the encoder and the decoder of `models` (on the meta device) from a VAE file."""
+    target = partial(vae_target, levels=len(models["decoder"].up))
+    fill({name: models[name] for name in VAE_MODELS}, read_vae_file(vae), device, dtype, target, vae_refusal(vae))
+
+
+def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+         target=target_name, refusal: str = CHECKPOINT_REFUSAL) -> None:
+    """Loads `tensors` (original names, as `target` reads them; see model_converter.convert) into `models`, built on
+    the meta device, each weight strictly, as load_models describes."""
+    expected = {f"{name}.{key}": value.shape for name, model in models.items() for key, value in model.state_dict().items()}
     kind = device.type
     packed = PACKED_MODELS if packing_pays(device, dtype) else ()
     file_pages = {tensor.data_ptr() for tensor in tensors.values()} if kind == "cpu" else set()
     # channels_last convolutions are 10-20 % faster on CPU (oneDNN) and on CUDA; MPS gains nothing
-    state = convert(tensors, expected, dtype, device, channels_last=kind != "mps", keep=MAPPED_MODELS if kind == "cpu" else ())
+    state = convert(tensors, expected, dtype, device, channels_last=kind != "mps", keep=MAPPED_MODELS if kind == "cpu" else (),
+                    target=target, refusal=refusal)
     for name, model in models.items():
         prefix = name + "."
         own = {key[len(prefix):]: state.pop(key) for key in list(state) if key.startswith(prefix)}
@@ -56,7 +104,6 @@ def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch
             model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
         if name in packed:
             pack_weights(model)
-    return models
 
 
 def release_mapped(model: nn.Module) -> None:

@@ -43,7 +43,7 @@ DEMO_NOTICE = (
     f"circle, square or triangle, on the left, right, top or bottom); for real images {CHECKPOINT_HELP}"
 )
 
-# The models of the last checkpoint loaded, reused by later calls: (path, device, dtype) -> models.
+# The models of the last checkpoint loaded, reused by later calls: (path, device, dtype, VAE file) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
 
 
@@ -62,6 +62,7 @@ def generate(
     progress: bool = True,
     vae_tiling: bool | None = None,
     embeddings: Mapping[str, Embedding] | None = None,
+    vae: str | Path | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -82,6 +83,9 @@ def generate(
 
     `embeddings` (sd/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
     stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
+
+    `vae`: a VAE file to stand in for the checkpoint's (sd/vae_file.py), for the models generate() loads; given
+    `models`, swap their VAE with swap_vae (sd/model_loader.py) instead.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -89,6 +93,8 @@ def generate(
     check_mask_has_image(mask, input_image)
     if settings.hires and input_image is not None:
         raise SDError("hires fix is text-to-image only, as in A1111: leave out the input image, or the hires settings")
+    if models is not None and vae is not None:
+        raise SDError("a VAE file is loaded with the models: give it to load_models (or swap_vae), not with models to generate")
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
@@ -107,7 +113,7 @@ def generate(
     render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
-        models = cached_models(find_checkpoint(checkpoint), device, stored)
+        models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
     strength = settings.strength
@@ -323,13 +329,14 @@ def image_dimensions(width: int | None, height: int | None, models: dict | None,
     return width or side, height or side
 
 
-def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """The models of `checkpoint` (see find_checkpoint), loaded once for all later calls with the same file."""
+def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype, vae: Path | None = None) -> dict[str, torch.nn.Module]:
+    """The models of `checkpoint` (see find_checkpoint), with the VAE file `vae` if given, loaded once for all
+    later calls with the same files."""
     path = Path(checkpoint)
-    key = (path.resolve(), device, dtype)
+    key = (path.resolve(), device, dtype, Path(vae).resolve() if vae is not None else None)
     if key not in _loaded:
         _loaded.clear()  # one checkpoint in memory at a time
-        _loaded[key] = load_models(path, device=device, dtype=dtype)
+        _loaded[key] = load_models(path, device=device, dtype=dtype, vae=vae)
     return _loaded[key]
 
 

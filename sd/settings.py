@@ -61,6 +61,8 @@ class Settings:
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
     model: str | None = None  # the checkpoint's file name without its extension
+    vae_hash: str | None = None  # sha256(VAE file)[:10], A1111's "VAE hash", where a VAE file replaced the checkpoint's
+    vae: str | None = None  # the VAE file's name with its extension, as A1111 writes it
     ti_hashes: dict[str, str] = field(default_factory=dict)  # the embeddings the prompts used: name -> sha256[:12]
     # hires fix, text-to-image only (sd/hires.py): width x height is the first pass; the second redraws it upscaled
     hires_scale: float | None = None  # the hires size is int(side * scale); None and no hires width/height: no hires fix
@@ -148,6 +150,8 @@ class Settings:
             "Size": f"{self.width}x{self.height}" if self.width and self.height else None,
             "Model hash": self.model_hash,
             "Model": self.model,
+            "VAE hash": self.vae_hash,
+            "VAE": self.vae,
             "Denoising strength": number(self.hires_strength if self.hires else self.strength),
             "Clip skip": self.clip_skip if self.clip_skip >= 2 else None,
             # A1111's extra fields, after its fixed ones, in the order it adds them
@@ -371,6 +375,8 @@ FIELD_READERS = {
     "Size": size,
     "Model hash": lambda name, value: {"model_hash": value},
     "Model": lambda name, value: {"model": value},
+    "VAE hash": lambda name, value: {"vae_hash": value},
+    "VAE": lambda name, value: {"vae": value},
     "Denoising strength": lambda name, value: {"strength": decimal(name, value)},
     "Mask blur": lambda name, value: {"mask_blur": whole_number(name, value)},
     "Inpainted": lambda name, value: {"inpainted": value == "yes"},

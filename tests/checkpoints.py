@@ -41,11 +41,12 @@ def is_norm(name: str) -> bool:
     return any(part in name for part in ("norm", "in_layers.0.", "out_layers.0.", ".out.0."))
 
 
-def random_sd15_state_dict(seed: int = 0, dtype=torch.float32, overrides: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
-    """Weights of sensible scale, so activations stay finite: normal(0, 0.02), norm scales near 1."""
+def random_sd15_state_dict(seed: int = 0, dtype=torch.float32, overrides: dict[str, list[int]] | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Weights of sensible scale, so activations stay finite: normal(0, 0.02), norm scales near 1. With `prefix`,
+    only the tensors whose names start with it ("first_stage_model.": the VAE)."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = {**sd15_shapes(), **(overrides or {})}
-    state = schedule_buffers()
+    shapes = {name: shape for name, shape in {**sd15_shapes(), **(overrides or {})}.items() if name.startswith(prefix)}
+    state = {name: value for name, value in schedule_buffers().items() if name.startswith(prefix)}
     for name, shape in shapes.items():
         if name in state:
             continue

@@ -66,6 +66,26 @@ def reference_vae(path, plain_attention: bool = True):
     return vae
 
 
+def reference_vae_file(path, plain_attention: bool = True):
+    """diffusers' AutoencoderKL from a VAE file alone: the original's names (bare or under first_stage_model.)
+    through its single-file converter, its own names (old attention names too) as its model loading reads them."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(path, "")
+    config = create_vae_diffusers_config_from_ldm(original_config(), checkpoint)
+    if any(".down_blocks." in key for key in checkpoint):  # diffusers' layout
+        with torch.device("meta"):
+            state = AutoencoderKL(**config)._fix_state_dict_keys_on_load(dict(checkpoint))  # query -> to_q, ...
+    else:
+        state = convert_ldm_vae_checkpoint(checkpoint, config)
+    vae = _build_on_meta(AutoencoderKL, config, state)
+    if plain_attention:
+        vae.set_attn_processor(AttnProcessor())
+    return vae
+
+
 def reference_clip(path, plain_attention: bool = True):
     from transformers import CLIPTextConfig, CLIPTextModel
 

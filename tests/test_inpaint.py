@@ -331,8 +331,8 @@ def test_all_white_mask_gives_image_to_image(ordinary_models):
 def test_command_records_the_inpainting_in_the_png(tmp_path, monkeypatch, ordinary_models, inpainting_models, inpainting_checkpoint, kind, expected):
     monkeypatch.chdir(tmp_path)
     models = ordinary_models if kind == "ordinary" else inpainting_models
-    monkeypatch.setattr(cli, "load", lambda checkpoint, device, dtype: models)
-    monkeypatch.setattr(cli, "checkpoint_hash", lambda checkpoint: "0123456789")
+    monkeypatch.setattr(cli, "load", lambda checkpoint, vae, device, dtype: models)
+    monkeypatch.setattr(cli, "file_hash", lambda path, what: "0123456789")
     photo().save("photo.png")
     disc_mask(64).save("mask.png")
     args = ["--prompt", "a cat", "--input", "photo.png", "--mask", "mask.png", "--steps", 2, "--width", 64, "--height", 64, "--seed", 1]
