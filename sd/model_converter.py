@@ -26,13 +26,14 @@ PREFIXES = [
     ("first_stage_model.post_quant_conv.", "decoder.post_quant_conv."),
     ("cond_stage_model.transformer.text_model.", "clip."),
     ("cond_stage_model.transformer.", "clip."),  # checkpoints saved with transformers < 4.18
+    ("control_model.", "controlnet."),  # a ControlNet's file (sd/controlnet.py)
 ]
 
 # Layer renames, applied in order to the name after its prefix is replaced.
 RENAMES = [
-    # U-Net
-    (r"^diffusion\.time_embed\.0\.", "diffusion.time_embedding.linear_1."),
-    (r"^diffusion\.time_embed\.2\.", "diffusion.time_embedding.linear_2."),
+    # U-Net, and a ControlNet's copy of its encoder half
+    (r"^(diffusion|controlnet)\.time_embed\.0\.", r"\1.time_embedding.linear_1."),
+    (r"^(diffusion|controlnet)\.time_embed\.2\.", r"\1.time_embedding.linear_2."),
     (r"^diffusion\.out\.0\.", "diffusion.norm_out."),
     (r"^diffusion\.out\.2\.", "diffusion.conv_out."),
     (r"\.in_layers\.0\.", ".norm1."),
@@ -47,6 +48,11 @@ RENAMES = [
     (r"\.attn2\.to_([qkv])\.", r".cross_attention.\1_proj."),
     (r"\.ff\.net\.0\.proj\.", ".feed_forward.proj_in."),
     (r"\.ff\.net\.2\.", ".feed_forward.proj_out."),
+    # ControlNet's own layers: the hint encoder (its convolutions at the original's even indices), the 1x1
+    # convolutions out of each encoder stage and out of the middle block
+    (r"^controlnet\.input_hint_block\.", "controlnet.hint."),
+    (r"^controlnet\.zero_convs\.(\d+)\.0\.", r"controlnet.zero_convs.\1."),
+    (r"^controlnet\.middle_block_out\.0\.", "controlnet.middle_out."),
     # VAE
     (r"\.nin_shortcut\.", ".shortcut."),
     (r"\.attn_1\.proj_out\.", ".attn_1.attention.out_proj."),
@@ -188,7 +194,7 @@ def _first_line(error: Exception) -> str:
 
 
 def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size], dtype: torch.dtype, device="cpu",
-            channels_last: bool = False, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+            channels_last: bool = False, keep: tuple[str, ...] = (), what: str = "an SD 1.x checkpoint", hint: str = SD15_HINT) -> dict[str, torch.Tensor]:
     """Renames original tensors to ours, fuses q/k/v, casts each to `dtype` on arrival, and with
     `channels_last` lays out convolution kernels as (C_out, kH, kW, C_in) in memory. Tensors whose new
     names start with a prefix in `keep` stay as the checkpoint has them (dtype, layout and memory-mapped
@@ -196,7 +202,7 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
 
     Empties `checkpoint` as it goes, so that each original tensor can be freed once cast (a memory-mapped
     one's pages are handed back). `expected` maps each of our parameter names to its shape. Raises SDError
-    naming every missing, unexpected or misshapen tensor.
+    naming every missing, unexpected or misshapen tensor, as not `what` (with `hint`, the way to the right file).
     """
     parts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected, original_names = [], {}
@@ -235,7 +241,7 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     if wrong_shapes:
         problems.append(f"{len(wrong_shapes)} with the wrong shape ({_some(wrong_shapes)})")
     if problems:
-        raise SDError(f"not an SD 1.x checkpoint: tensors {'; '.join(problems)}; {SD15_HINT}")
+        raise SDError(f"not {what}: tensors {'; '.join(problems)}; {hint}")
     return state
 
 

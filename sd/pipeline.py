@@ -4,8 +4,8 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,13 +14,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .control import ControlNetUnit, control_image
+from .controlnet import Control, ControlNet, Guide, compatible
 from .embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
-from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
+from .model_converter import read_checkpoint
+from .model_hash import old_hash
+from .model_loader import LATENT_FACTOR, controlnet_tensors, image_size, load_controlnet, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompt_schedule import Timeline
 from .prompts import ContextSchedule, guidance_contexts
@@ -45,6 +49,8 @@ DEMO_NOTICE = (
 
 # The models of the last checkpoint loaded, reused by later calls: (path, device, dtype) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
+# The ControlNets of the last render that used any, likewise: (path, device, dtype) -> ControlNet.
+_loaded_controlnets: dict[tuple, ControlNet] = {}
 
 
 def generate(
@@ -62,6 +68,8 @@ def generate(
     progress: bool = True,
     vae_tiling: bool | None = None,
     embeddings: Mapping[str, Embedding] | None = None,
+    control_images: Sequence[Image.Image | str | Path] = (),
+    controlnet_models: Sequence[ControlNet] | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -82,6 +90,10 @@ def generate(
 
     `embeddings` (sd/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
     stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
+
+    `control_images`: one for each of the Settings' `controlnets` (sd/control.py), in their order; each is resized
+    to the output size and preprocessed as its unit says. The ControlNets are loaded from their units' files, or
+    given loaded in `controlnet_models` (sd/model_loader.py, load_controlnet), in the same order.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -93,6 +105,7 @@ def generate(
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
+    control_sources = check_control(settings, control_images, controlnet_models)
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
@@ -110,6 +123,11 @@ def generate(
         models = cached_models(find_checkpoint(checkpoint), device, stored)
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
+    controlnets = controlnet_models
+    if settings.controlnets and controlnets is None:
+        controlnets = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
+    check_controlnets_fit(controlnets or (), models["diffusion"])
+    control_maps = [control_image(image, unit, width, height) for image, unit in zip(control_sources, settings.controlnets)]
     strength = settings.strength
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
@@ -148,8 +166,9 @@ def generate(
             conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
-        with on_device(models["diffusion"], device, idle_device) as unet:
-            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype)
+        with on_device(models["diffusion"], device, idle_device) as unet, controlnets_on_device(controlnets or (), device, idle_device):
+            control = guidance_control(settings, controlnets or (), control_maps, device, dtype)
+            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, control)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
@@ -166,7 +185,8 @@ def generate(
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
-                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()})
+                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()},
+                   controlnets=tuple(recorded_unit(unit) for unit in settings.controlnets))
     for output in images:
         output.info["sd"] = made
     return images
@@ -182,19 +202,25 @@ def pass_timelines(settings: Settings) -> list[Timeline]:
     return [first, Timeline(hires_steps, step_offset=first.steps, fraction_offset=1.0)]
 
 
-def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype):
+def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype,
+                    control: Control | None = None):
     """The U-Net's noise prediction for latents at a timestep, with classifier-free guidance unless cfg_scale is
     1 (then the contexts hold the prompts alone), and an inpainting checkpoint's `conditioning` beside the
-    latents. Each call takes the context of its count from 0, as prompt editing schedules it."""
+    latents. Each call takes the context of its count from 0, as prompt editing schedules it. With `control`, the
+    ControlNets' residuals for the same latents (without the conditioning) are added to the U-Net's."""
     guided = cfg_scale != 1.0
     calls = itertools.count()
 
     def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
-        context = contexts(next(calls))
+        call = next(calls)
+        context = contexts(call)
+        # (B, 4, h, w) -> (2B, 4, h, w): the unconditional and the conditional halves in one call
+        latents = torch.cat([x] * (1 + guided)).to(dtype)
+        residuals = control(latents, context, timestep, call, guided) if control is not None else None
         if conditioning is not None:
-            x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
-        # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
-        predicted = unet(torch.cat([x] * (1 + guided)).to(dtype), context, timestep).float()
+            # (2B, 4, h, w) -> (2B, 9, h, w)
+            latents = torch.cat([latents, torch.cat([conditioning] * (1 + guided)).to(dtype)], dim=1)
+        predicted = unet(latents, context, timestep, residuals).float()
         if not guided:
             return predicted
         uncond, cond = predicted.chunk(2)
@@ -241,6 +267,67 @@ def upscale_decoded(latents: torch.Tensor, upscaler: PixelUpscaler, target: Targ
     latent_shape = (len(latents), 4, *target.latent_size)
     with on_device(models["encoder"], device, idle_device) as encoder:
         return encode_image(encoder, images, generator, latent_shape, device, vae, tiled)
+
+
+def check_control(settings: Settings, images: Sequence, controlnets: Sequence[ControlNet] | None) -> list[Image.Image]:
+    """The control images, read, after the checks that need no model: one image for each ControlNet, and each
+    ControlNet's file an SD 1.5 ControlNet (its header alone is read)."""
+    units = settings.controlnets
+    if len(images) != len(units):
+        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {len(images)} images")
+    if settings.hires and units:
+        raise SDError("hires fix with a ControlNet is not supported yet: leave out the hires settings, or the ControlNet")
+    if controlnets is not None and len(controlnets) != len(units):
+        raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
+    sources = [read_image(image, "control image") for image in images]
+    if controlnets is None:
+        for unit in units:
+            if not Path(unit.model).is_file():
+                raise SDError(f"ControlNet not found: {unit.model}")
+            controlnet_tensors(read_checkpoint(unit.model), unit.model)
+    return sources
+
+
+def check_controlnets_fit(controlnets: Sequence[ControlNet], unet: torch.nn.Module) -> None:
+    for controlnet in controlnets:
+        if not compatible(controlnet, unet.config):
+            raise SDError("the ControlNet was made for another U-Net than the checkpoint's (its widths or text context differ): "
+                          "use an SD 1.5 ControlNet with an SD 1.5 checkpoint")
+
+
+def guidance_control(settings: Settings, controlnets: Sequence[ControlNet], maps: list[torch.Tensor], device, dtype: torch.dtype) -> Control | None:
+    """The ControlNets' guidance of the sampling pass, with their control images' features computed once."""
+    if not controlnets:
+        return None
+    guides = [Guide(controlnet, controlnet.encode_hint(image.to(device, dtype)), unit.strength, unit.start, unit.end, unit.guess_mode)
+              for controlnet, image, unit in zip(controlnets, maps, settings.controlnets)]
+    return Control(guides, total_steps(settings.sampler, settings.steps))
+
+
+def recorded_unit(unit: ControlNetUnit) -> ControlNetUnit:
+    """The unit as an image records it: with its file's hash, where the file is there to read."""
+    if unit.model_hash is None and Path(unit.model).is_file():
+        return replace(unit, model_hash=old_hash(unit.model))
+    return unit
+
+
+def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtype) -> list[ControlNet]:
+    """The ControlNets of these files, loaded once for later renders with the same ones; the others are dropped."""
+    keys = [(Path(path).resolve(), device, dtype) for path in paths]
+    kept = {key: _loaded_controlnets[key] for key in keys if key in _loaded_controlnets}
+    _loaded_controlnets.clear()
+    for key in keys:
+        if key not in kept:
+            kept[key] = load_controlnet(key[0], device=device, dtype=dtype)
+    _loaded_controlnets.update(kept)
+    return [kept[key] for key in keys]
+
+
+def controlnets_on_device(controlnets: Sequence[ControlNet], device, idle_device) -> ExitStack:
+    stack = ExitStack()
+    for controlnet in controlnets:
+        stack.enter_context(on_device(controlnet, device, idle_device))
+    return stack
 
 
 def is_inpainting_model(unet: torch.nn.Module) -> bool:
