@@ -115,7 +115,7 @@ def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
     """An SD 1.5 ControlNet from its original file (.pth, .ckpt or .safetensors; tensors under `control_model.`,
     as in the full ControlLDM checkpoints, or bare), every weight loaded strictly, in eval mode, in `dtype`, packed
     for oneDNN where the U-Net would be (sd/layers.py, pack_weights)."""
-    tensors = controlnet_tensors(read_checkpoint(path), path)
+    tensors = read_controlnet(path)
     config = controlnet_config(tensors, path)
     with torch.device("meta"):
         controlnet = ControlNet(config, hint_channels=tensors[CONTROLNET_PREFIX + "input_hint_block.0.weight"].shape[1])
@@ -128,6 +128,14 @@ def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
     if packing_pays(device, dtype):
         pack_weights(controlnet)
     return controlnet
+
+
+def read_controlnet(path: str | Path) -> MappedCheckpoint:
+    """The ControlNet's tensors of a file, memory-mapped (see controlnet_tensors); cheap enough to check a file
+    before anything loads."""
+    if not Path(path).is_file():
+        raise SDError(f"ControlNet not found: {path}; {CONTROLNET_HINT}")
+    return controlnet_tensors(read_checkpoint(path), path)
 
 
 def controlnet_tensors(tensors: MappedCheckpoint, path) -> MappedCheckpoint:

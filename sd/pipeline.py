@@ -22,9 +22,8 @@ from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_sched
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
-from .model_converter import read_checkpoint
 from .model_hash import old_hash
-from .model_loader import LATENT_FACTOR, controlnet_tensors, image_size, load_controlnet, load_models, release_mapped
+from .model_loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompt_schedule import Timeline
 from .prompts import ContextSchedule, guidance_contexts
@@ -282,9 +281,7 @@ def check_control(settings: Settings, images: Sequence, controlnets: Sequence[Co
     sources = [read_image(image, "control image") for image in images]
     if controlnets is None:
         for unit in units:
-            if not Path(unit.model).is_file():
-                raise SDError(f"ControlNet not found: {unit.model}")
-            controlnet_tensors(read_checkpoint(unit.model), unit.model)
+            read_controlnet(unit.model)
     return sources
 
 
