@@ -141,7 +141,7 @@ def reference_controlnet(path, original_config: dict, plain_attention: bool = Tr
 
     checkpoint = read_original(path, "")
     unet_config = utils.create_unet_diffusers_config_from_ldm
-    with mock.patch.object(utils, "create_unet_diffusers_config_from_ldm", lambda config, **kwargs: unet_config(config, checkpoint, **kwargs)):
+    with mock.patch.object(utils, "create_unet_diffusers_config_from_ldm", lambda config, image_size=None, **kwargs: unet_config(config, checkpoint, **kwargs)):
         config = utils.create_controlnet_diffusers_config_from_ldm(original_config, checkpoint)
     state = {key: value.float() for key, value in utils.convert_controlnet_checkpoint(checkpoint, config).items()}
     controlnet = _build_on_meta(ControlNetModel, config, state)

@@ -258,6 +258,39 @@ def test_bad_control_input_is_one_line_before_loading(small_controlnet, command_
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output, result.output
 
 
+# --- parity with diffusers ----------------------------------------------------------------------------------------
+
+def residuals_and_reference(ours: ControlNet, reference, height: int, width: int, context_width: int):
+    """Both sides' residuals for the same random latents (batch 2), context and drawn control image."""
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, height // 8, width // 8, generator=generator), torch.randn(2, 77, context_width, generator=generator)
+    hint = torch.from_numpy(np.asarray(drawn_map(width).resize((width, height)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        down, middle = reference(latents, 500, encoder_hidden_states=context, controlnet_cond=hint.expand(2, -1, -1, -1), return_dict=False)
+        residuals = ours(latents, ours.encode_hint(hint), context, 500)
+    assert len(residuals) == len(down) + 1
+    assert all(b.abs().max() > 0.1 for b in [*down, middle])  # the zero convolutions are not zero
+    errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(residuals, [*down, middle])]
+    print(f"ControlNet residuals ({len(residuals)}): max relative error {max(errors):.2e}")
+    return max(errors)
+
+
+def test_small_controlnet_residuals_match_diffusers(tmp_path):
+    """A small copy of cldm_v15.yaml's ControlNet (2 levels, 64 wide, a 32-wide text context), converted by diffusers'
+    own single-file code from the same file: cheap, so it runs beside the heavy full-size test below."""
+    from controlnets import cldm_config
+    from reference import reference_controlnet
+
+    config = cldm_config()
+    small = dict(model_channels=64, channel_mult=[1, 2], attention_resolutions=[1, 2], num_res_blocks=1, context_dim=32, num_heads=8)
+    for stage in ("control_stage_config", "unet_config"):
+        config["model"]["params"][stage]["params"].update(small)
+    ours_config = dict(base_width=64, width_multipliers=[1, 2], attention_levels=[0, 1], blocks_per_level=1, num_heads=8, context_width=32)
+    path = write_controlnet(random_controlnet_state_dict(config["model"]["params"]["control_stage_config"]["params"], seed=4),
+                            tmp_path / "small.safetensors", ours_config)
+    assert residuals_and_reference(load_controlnet(path), reference_controlnet(path, config), 64, 80, 32) <= 1e-4
+
+
 # --- parity with diffusers on full-size random weights (heavy) -------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -277,17 +310,8 @@ def full_size(safetensors_checkpoint, controlnet_file):
 
 def test_residuals_match_diffusers_controlnetmodel(full_size):
     _, ours, _, reference = full_size
-    generator = torch.Generator().manual_seed(0)
-    latents, context = torch.randn(2, 4, 32, 40, generator=generator), torch.randn(2, 77, 768, generator=generator)
-    hint = torch.from_numpy(np.asarray(drawn_map(320).resize((320, 256)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    with torch.inference_mode():
-        down, middle = reference(latents, 500, encoder_hidden_states=context, controlnet_cond=hint.expand(2, -1, -1, -1), return_dict=False)
-        residuals = ours(latents, ours.encode_hint(hint), context, 500)
-    assert len(residuals) == len(down) + 1 == 13
-    errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(residuals, [*down, middle])]
-    print(f"ControlNet residuals: max relative error {max(errors):.2e}; sizes {[round(b.abs().max().item(), 2) for b in [*down, middle]]}")
-    assert all(b.abs().max() > 0.1 for b in [*down, middle])  # the zero convolutions are not zero
-    assert max(errors) <= 1e-4
+    assert len(ours.zero_convs) + 1 == 13
+    assert residuals_and_reference(ours, reference, 256, 320, 768) <= 1e-4
 
 
 @pytest.mark.parametrize("strength, guess_mode, start, end, twice", [
