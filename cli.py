@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
-from sd.control import PREPROCESSORS, ControlNetUnit
+from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit
 from sd.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
@@ -210,14 +210,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
                    hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength, hires_sampler=hires_sampler)
     units = control_units(control_nets, control_images, dict(strength=control_strength, start=control_start, end=control_end,
                                                              preprocess=control_preprocess), canny_low, canny_high, guess_mode)
-    if control_nets:
-        options["controlnets"] = units
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
-    if image is not None and image.settings.controlnets and not control_nets:
-        click.echo(f"warning: ignored from {from_image}: its ControlNets ({', '.join(unit.name for unit in image.settings.controlnets)}): "
-                   "give --control-net and --control-image to use them", err=True)
-        image = replace(image, settings=replace(image.settings, controlnets=()))
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
+    settings = replace(settings, controlnets=units)  # the image's own are files it names, not ones given here
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
@@ -407,7 +402,7 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
     ignores: those it has no setting for, and without --input those of image-to-image."""
     text = read_infotext_of(path)
     try:
-        image = read_infotext(text, leave_out=[SETTINGS_NAMES.get(name, name) for name in options])
+        image = read_infotext(text, leave_out=[*(SETTINGS_NAMES.get(name, name) for name in options), "controlnets"])
     except SDError as error:
         raise SDError(f"--from {path}: {error}") from None
     unused = [] if has_input else [name for name, value in (("Denoising strength", image.settings.strength),
@@ -417,6 +412,9 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
         reasons.append(f"{', '.join(image.ignored)} (sd has no such settings)")
     if unused:
         reasons.append(f"{', '.join(unused)} (without --input)")
+    controlnets = [name for name in image.fields if CONTROLNET_FIELD.match(name)]
+    if controlnets:
+        reasons.append(f"{', '.join(controlnets)} (give --control-net and --control-image for them)")
     if reasons:
         click.echo(f"warning: ignored from {path}: {'; '.join(reasons)}", err=True)
     return replace(image, settings=replace(image.settings, inpainted=False))

@@ -226,7 +226,7 @@ def test_the_command_renders_with_two_controlnets_and_writes_them(small_controln
     assert 'ControlNet 0: "Module: canny, Model: control_small [' in text and "Weight: 0.5" in text and "Guidance End: 0.5" in text
     assert text.count("Control Mode: ControlNet is more important") == 2
     again = CliRunner().invoke(cli.main, ["generate", "--from", "out.png", "--steps", "2", "--output", "again.png"], prog_name="sd")
-    assert again.exit_code == 0 and "ignored from out.png: its ControlNets (control_small, control_small)" in again.output
+    assert again.exit_code == 0 and "ignored from out.png: ControlNet 0, ControlNet 1 (give --control-net and --control-image for them)" in again.output
 
 
 @pytest.fixture
