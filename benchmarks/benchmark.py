@@ -343,7 +343,8 @@ def worker_controlnet(checkpoint: Path, dtype: torch.dtype, size: int, repeat: i
     unet = load_sd(checkpoint, dtype)["diffusion"]
     compute = compute_dtype(dtype, CPU)
     generator = torch.Generator().manual_seed(0)
-    latents, context = unet_inputs(size, compute, generator)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, unet.config.context_width, generator=generator).to(compute)
     before = current_rss_gib()
     start = time.perf_counter()
     model = load_controlnet(controlnet, dtype=dtype)

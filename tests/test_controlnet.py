@@ -258,6 +258,24 @@ def test_bad_control_input_is_one_line_before_loading(small_controlnet, command_
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output, result.output
 
 
+def test_the_benchmark_measures_a_step_with_and_without_a_controlnet(small_controlnet, tmp_path):
+    """benchmarks/benchmark.py --only controlnet, on the demo model and the small ControlNet."""
+    import subprocess
+    import sys
+
+    from test_benchmark import BENCHMARK
+
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(BENCHMARK), "--checkpoints", str(DEMO_CHECKPOINT), "--controlnet", str(small_controlnet), "--only", "controlnet",
+               "--dtypes", "fp32", "--sizes", "64", "--repeat", "1", "--output", str(output)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result, = (r for r in json.loads(output.read_text())["results"] if r["group"] == "controlnet")
+    assert result["controlnet_load_s"] > 0 and result["controlnet_rss_gib"] > 0 and result["peak_rss_gib"] > 0
+    assert result["unet_step_s"]["runs"] == result["controlled_unet_step_s"]["runs"] == 1
+    assert "fp32 one ControlNet, U-Net at 64x64" in finished.stdout
+
+
 # --- parity with diffusers ----------------------------------------------------------------------------------------
 
 def residuals_and_reference(ours: ControlNet, reference, height: int, width: int, context_width: int):
