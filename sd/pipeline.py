@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -126,7 +126,7 @@ def generate(
     if settings.controlnets and controlnets is None:
         controlnets = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
     check_controlnets_fit(controlnets or (), models["diffusion"])
-    control_maps = [control_image(image, unit, width, height) for image, unit in zip(control_sources, settings.controlnets)]
+    control = RenderControl(settings.controlnets, controlnets or (), control_sources, device, idle_device, dtype)
     strength = settings.strength
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
@@ -165,14 +165,14 @@ def generate(
             conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
-        with on_device(models["diffusion"], device, idle_device) as unet, controlnets_on_device(controlnets or (), device, idle_device):
-            control = guidance_control(settings, controlnets or (), control_maps, device, dtype)
-            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, control)
+        calls = total_steps(settings.sampler, settings.steps)
+        with on_device(models["diffusion"], device, idle_device) as unet, control.guiding(width, height, calls) as guides:
+            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled)
+            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled, control)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -228,11 +228,13 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool,
+               control: "RenderControl | None" = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
     afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
     `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
-    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
+    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles; `control`: the
+    render's ControlNets, which guide this pass too, their control images resized to its size. Returns the latents
     (B, 4, H/8, W/8)."""
     dtype, vae = dtypes
     generator = torch.Generator().manual_seed(seed)
@@ -251,8 +253,9 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     steps = settings.hires_steps or settings.steps
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
-    with on_device(models["diffusion"], device, idle_device) as unet:
-        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype)
+    guiding = control.guiding(target.width, target.height, total_steps(sampler, steps)) if control is not None else nullcontext()
+    with on_device(models["diffusion"], device, idle_device) as unet, guiding as guides:
+        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype, guides)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
 
@@ -274,8 +277,6 @@ def check_control(settings: Settings, images: Sequence, controlnets: Sequence[Co
     units = settings.controlnets
     if len(images) != len(units):
         raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {len(images)} images")
-    if settings.hires and units:
-        raise SDError("hires fix with a ControlNet is not supported yet: leave out the hires settings, or the ControlNet")
     if controlnets is not None and len(controlnets) != len(units):
         raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
     sources = [read_image(image, "control image") for image in images]
@@ -290,15 +291,6 @@ def check_controlnets_fit(controlnets: Sequence[ControlNet], unet: torch.nn.Modu
         if not compatible(controlnet, unet.config):
             raise SDError("the ControlNet was made for another U-Net than the checkpoint's (its widths or text context differ): "
                           "use an SD 1.5 ControlNet with an SD 1.5 checkpoint")
-
-
-def guidance_control(settings: Settings, controlnets: Sequence[ControlNet], maps: list[torch.Tensor], device, dtype: torch.dtype) -> Control | None:
-    """The ControlNets' guidance of the sampling pass, with their control images' features computed once."""
-    if not controlnets:
-        return None
-    guides = [Guide(controlnet, controlnet.encode_hint(image.to(device, dtype)), unit.strength, unit.start, unit.end, unit.guess_mode)
-              for controlnet, image, unit in zip(controlnets, maps, settings.controlnets)]
-    return Control(guides, total_steps(settings.sampler, settings.steps))
 
 
 def recorded_unit(unit: ControlNetUnit) -> ControlNetUnit:
@@ -320,11 +312,27 @@ def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtyp
     return [kept[key] for key in keys]
 
 
-def controlnets_on_device(controlnets: Sequence[ControlNet], device, idle_device) -> ExitStack:
-    stack = ExitStack()
-    for controlnet in controlnets:
-        stack.enter_context(on_device(controlnet, device, idle_device))
-    return stack
+class RenderControl:
+    """The ControlNets of a render and their control images, which guide each sampling pass at its own size."""
+
+    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], device, idle_device, dtype: torch.dtype):
+        self.units, self.controlnets, self.images = units, controlnets, images
+        self.device, self.idle_device, self.dtype = device, idle_device, dtype
+
+    @contextmanager
+    def guiding(self, width: int, height: int, calls: int):
+        """The guidance of a pass of `calls` U-Net calls at width x height (None without ControlNets), the
+        ControlNets on the device meanwhile; their control images' features are computed once for the pass."""
+        if not self.units:
+            yield None
+            return
+        with ExitStack() as stack:
+            guides = []
+            for controlnet, image, unit in zip(self.controlnets, self.images, self.units):
+                controlnet = stack.enter_context(on_device(controlnet, self.device, self.idle_device))
+                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.device, self.dtype))
+                guides.append(Guide(controlnet, hint, unit.strength, unit.start, unit.end, unit.guess_mode))
+            yield Control(guides, calls)
 
 
 def is_inpainting_model(unet: torch.nn.Module) -> bool:

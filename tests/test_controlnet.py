@@ -194,6 +194,18 @@ def test_every_sampler_image_to_image_inpainting_and_two_controlnets(demo, small
     assert np.abs(two - render(demo, [unit], [small_loaded])).max() > 10
 
 
+def test_hires_fix_is_guided_in_both_passes(demo, small_controlnet, small_loaded, monkeypatch):
+    from sd import pipeline
+
+    sizes = []
+    original = pipeline.control_image
+    monkeypatch.setattr(pipeline, "control_image", lambda image, unit, width, height: sizes.append((width, height)) or original(image, unit, width, height))
+    hires = dict(hires_scale=2, hires_steps=1, sampler="euler")
+    controlled = render(demo, [small_controlnet], [small_loaded], **hires)
+    assert sizes == [(64, 64), (128, 128)] and controlled.shape == (128, 128, 3)
+    assert np.abs(controlled - render(demo, **hires)).max() > 20
+
+
 def test_generate_loads_the_controlnet_and_records_it(demo, small_controlnet):
     from sd.model_hash import old_hash
 
