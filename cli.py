@@ -529,7 +529,8 @@ def plan_memory(batch: list[Settings], checkpoint: Path, device, dtype: str, vae
     width, height = max(sizes, key=lambda size: size[0] * size[1])
     stored = weights_dtype(dtype, device)
     guided = any(settings.cfg_scale != 1.0 for settings in batch)
-    return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device)), device, stored, vae_tiling)
+    controlnets = max(len(settings.controlnets) for settings in batch)
+    return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device), controlnets), device, stored, vae_tiling)
 
 
 def load(checkpoint: Path, device, dtype: str) -> dict:

@@ -116,7 +116,7 @@ def generate(
     stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
     # the largest size the render reaches: hires fix's
     final_width, final_height = (hires.width, hires.height) if hires is not None else (width, height)
-    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
+    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device), len(settings.controlnets))
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored)
