@@ -72,11 +72,12 @@ def test_every_key_of_the_original_controlnet_maps_once_with_its_shape():
 def test_bare_pth_and_full_controlldm_files_load_alike(small_controlnet, tmp_path):
     state = random_controlnet_state_dict(demo_sized_params(DEMO_UNET), seed=2, prefix="")
     bare = write_controlnet(state, tmp_path / "bare.pth")
+    bare_safetensors = write_controlnet(state, tmp_path / "bare.safetensors", DEMO_UNET)
     with_sd = {**{f"control_model.{key}": value for key, value in state.items()}, "model.diffusion_model.out.2.bias": torch.zeros(4)}
     save_file(with_sd, str(tmp_path / "controlldm.safetensors"), metadata={"sd_config": json.dumps({"controlnet": DEMO_UNET})})
     reference = load_controlnet(small_controlnet).state_dict()
     config = UNetConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in DEMO_UNET.items()})
-    for path in (tmp_path / "controlldm.safetensors", bare):
+    for path in (tmp_path / "controlldm.safetensors", bare_safetensors, bare):
         if path.suffix == ".pth":  # no metadata in a .pth: its sizes are SD 1.5's, which this small file's are not
             with pytest.raises(SDError, match="not an SD 1.5 ControlNet: tensors .* with the wrong shape"):
                 load_controlnet(path)
