@@ -305,7 +305,7 @@ def describe(path: Path) -> dict:
 
 def render(jobs: list[Job], inputs: dict, checkpoint: Path, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
-    generate()'s input image, mask, VAE tiling and embeddings."""
+    generate()'s input image, mask, VAE tiling, embeddings and control images."""
     models = load(checkpoint, device, dtype)
     controlnets = load_controlnets(jobs[0].settings.controlnets, models, device)
     short_hash, sampling = None, 0.0
