@@ -351,7 +351,7 @@ def test_residuals_match_diffusers_controlnetmodel(full_size):
 ])
 def test_pipeline_matches_diffusers(full_size, controlnet_file, strength, guess_mode, start, end, twice):
     from diffusers import StableDiffusionControlNetPipeline
-    from diffusers.models.controlnets.multicontrolnets import MultiControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
     from test_pipeline_parity import PROMPT, assert_same_image, scheduler
 
     models, ours, reference, reference_controlnet = full_size
