@@ -345,11 +345,23 @@ def test_residuals_match_diffusers_controlnetmodel(full_size):
     assert residuals_and_reference(ours, reference, 256, 320, 768) <= 1e-4
 
 
+PARITY_RENDER = dict(sampler="ddim", steps=3, cfg_scale=7.5, width=64, height=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def uncontrolled(full_size):
+    """Our image without a ControlNet, which each controlled image must differ from."""
+    from test_pipeline_parity import PROMPT
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    return latents, np.asarray(generate(**PROMPT, **PARITY_RENDER, latents=latents, models=full_size[0])[0], dtype=np.float64)
+
+
 @pytest.mark.parametrize("strength, guess_mode, start, end, twice", [
     (1.0, False, 0.0, 1.0, False), (0.5, False, 0.0, 1.0, False), (1.0, True, 0.0, 1.0, False), (0.5, True, 0.0, 1.0, False),
     (1.0, False, 0.0, 0.67, False), (0.5, False, 0.0, 1.0, True),
 ])
-def test_pipeline_matches_diffusers(full_size, controlnet_file, strength, guess_mode, start, end, twice):
+def test_pipeline_matches_diffusers(full_size, uncontrolled, controlnet_file, strength, guess_mode, start, end, twice):
     from diffusers import StableDiffusionControlNetPipeline
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
     from test_pipeline_parity import PROMPT, assert_same_image, scheduler
@@ -359,15 +371,14 @@ def test_pipeline_matches_diffusers(full_size, controlnet_file, strength, guess_
     strengths = [strength, 1.0][: 1 + twice]
     controlnet = MultiControlNetModel([reference_controlnet] * 2) if twice else reference_controlnet
     pipeline = StableDiffusionControlNetPipeline(**{**reference.components, "scheduler": scheduler("ddim")}, controlnet=controlnet)
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    latents, plain = uncontrolled
     expected = pipeline(**PROMPT, image=maps if twice else maps[0], num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
                         latents=latents.clone(), output_type="np", controlnet_conditioning_scale=strengths if twice else strength,
                         guess_mode=guess_mode, control_guidance_start=start, control_guidance_end=end).images[0]
     units = [ControlNetUnit(str(controlnet_file), s, start, end, guess_mode) for s in strengths]
-    actual = generate(**PROMPT, sampler="ddim", steps=3, cfg_scale=7.5, width=64, height=64, latents=latents, models=models,
-                      controlnets=units, control_images=maps, controlnet_models=[ours] * len(units), progress=False)[0]
-    plain = generate(**PROMPT, sampler="ddim", steps=3, cfg_scale=7.5, width=64, height=64, latents=latents, models=models, progress=False)[0]
-    effect = np.abs(np.asarray(plain, dtype=np.float64) - np.round(expected * 255)).max()
+    actual = generate(**PROMPT, **PARITY_RENDER, latents=latents, models=models, controlnets=units, control_images=maps,
+                      controlnet_models=[ours] * len(units))[0]
+    effect = np.abs(plain - np.round(expected * 255)).max()
     print(f"without the ControlNet: max pixel difference {effect:.0f}/255")
     assert effect > 8
     assert_same_image(actual, expected, f"ControlNet pipeline, strength {strength}, guess mode {guess_mode}, {start}-{end}, {1 + twice} ControlNets")
