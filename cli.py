@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
+from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit
 from sd.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
@@ -23,8 +24,8 @@ from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
-from sd.model_loader import check_vae, image_size
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
+from sd.model_loader import check_vae, image_size, read_controlnet
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_controlnets, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.samplers import SAMPLERS, karras_by_default
 from sd.prompts import EMPHASIS_MODES
@@ -150,6 +151,24 @@ class Job:
               help="How much the second pass changes the upscaled image (AUTOMATIC1111's Denoising strength).")
 @click.option("--hires-sampler", type=click.Choice(list(SAMPLERS)),
               help="The second pass's sampler, with its own noise levels (Karras's for dpmpp_2m). Default: --sampler's.")
+@click.option("--control-net", "control_nets", multiple=True, type=click.Path(path_type=Path),
+              help="A ControlNet for SD 1.5 in its original single-file layout (.pth or .safetensors, e.g. control_v11p_sd15_canny), "
+                   "which guides the layout by --control-image. Repeat for several; the --control-* options below then take "
+                   "one value for all, or one per ControlNet in the same order.")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The map a --control-net follows (edges, depth, pose...), resized to the output size without keeping its "
+                   "aspect ratio (AUTOMATIC1111's \"Just Resize\").")
+@click.option("--control-strength", multiple=True, type=float, help="How strongly the ControlNet guides: its residuals' scale. Default 1.")
+@click.option("--control-start", multiple=True, type=float, help="The share of the steps before the ControlNet starts guiding. Default 0.")
+@click.option("--control-end", multiple=True, type=float, help="The share of the steps after which the ControlNet stops guiding. Default 1.")
+@click.option("--control-preprocess", multiple=True, type=click.Choice(PREPROCESSORS),
+              help="canny: Canny's edges of the control image (OpenCV's, as the original ControlNet finds them); none: "
+                   "the image is the map already (depth and pose maps need their own models: make them elsewhere). Default none.")
+@click.option("--canny-low", type=click.IntRange(min=0), default=100, show_default=True, help="Canny's lower threshold: weaker gradients are no edge.")
+@click.option("--canny-high", type=click.IntRange(min=0), default=200, show_default=True, help="Canny's upper threshold: stronger gradients are edges.")
+@click.option("--guess-mode", is_flag=True,
+              help="The ControlNets guide the prompt's half of classifier-free guidance alone, their residuals scaled 0.1 up to 1 "
+                   "from the first level to the middle block, as diffusers does (AUTOMATIC1111: \"ControlNet is more important\").")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help=f"An SD 1.x .safetensors or .ckpt, or {DEMO_NAME} for the built-in demo model. Default: $SD_CHECKPOINT, "
@@ -180,8 +199,9 @@ class Job:
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
                      emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
-                     hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, vae, device, vae_tiling, dtype, output, outdir,
-                     overwrite, grid, xy):
+                     hires_upscaler, hires_steps, hires_strength, hires_sampler, control_nets, control_images, control_strength, control_start,
+                     control_end, control_preprocess, canny_low, canny_high, guess_mode, num_images, checkpoint, vae, device, vae_tiling, dtype,
+                     output, outdir, overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -192,8 +212,11 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
                    width=width, height=height, strength=strength, eta=eta, mask_blur=mask_blur, clip_skip=clip_skip,
                    emphasis=emphasis, hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
                    hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength, hires_sampler=hires_sampler)
+    units = control_units(control_nets, control_images, dict(strength=control_strength, start=control_start, end=control_end,
+                                                             preprocess=control_preprocess), canny_low, canny_high, guess_mode)
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
+    settings = replace(settings, controlnets=units)  # the image's own are files it names, not ones given here
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
@@ -210,6 +233,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     embeddings = load_embeddings(embeddings_folder)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
+    control_pictures = [open_image(path, "--control-image") for path in control_images]
+    for net in control_nets:
+        read_controlnet(net)  # its names and shapes: a file of another kind is refused before the load
     if mask is not None:
         # refuses a mask that cannot work; at the input's own size where none is given (generate checks it again)
         read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
@@ -234,7 +260,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_another_vae(from_image, image.settings, vae)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, vae, device, dtype):
+        inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures)
+        for path in render(jobs, inputs, checkpoint, vae, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -285,12 +312,13 @@ def describe(path: Path) -> dict:
 
 def render(jobs: list[Job], inputs: dict, checkpoint: Path, vae: Path | None, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
-    generate()'s input image, mask, VAE tiling and embeddings."""
+    generate()'s input image, mask, VAE tiling, embeddings and control images."""
     models = load(checkpoint, vae, device, dtype)
+    controlnets = load_controlnets(jobs[0].settings.controlnets, models, device)
     files, sampling = None, 0.0
     for job in jobs:
         started = time.perf_counter()
-        image, = generate(job.settings, models=models, device=device, **inputs)
+        image, = generate(job.settings, models=models, device=device, controlnet_models=controlnets, **inputs)
         sampling += time.perf_counter() - started
         files = files or model_files(checkpoint, vae)  # only now: it reads the whole checkpoint once
         made = replace(image.info["sd"], **files)
@@ -381,7 +409,7 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
     ignores: those it has no setting for, and without --input those of image-to-image."""
     text = read_infotext_of(path)
     try:
-        image = read_infotext(text, leave_out=[SETTINGS_NAMES.get(name, name) for name in options])
+        image = read_infotext(text, leave_out=[*(SETTINGS_NAMES.get(name, name) for name in options), "controlnets"])
     except SDError as error:
         raise SDError(f"--from {path}: {error}") from None
     unused = [] if has_input else [name for name, value in (("Denoising strength", image.settings.strength),
@@ -391,6 +419,9 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
         reasons.append(f"{', '.join(image.ignored)} (sd has no such settings)")
     if unused:
         reasons.append(f"{', '.join(unused)} (without --input)")
+    controlnets = [name for name in image.fields if CONTROLNET_FIELD.match(name)]
+    if controlnets:
+        reasons.append(f"{', '.join(controlnets)} (give --control-net and --control-image for them)")
     if reasons:
         click.echo(f"warning: ignored from {path}: {'; '.join(reasons)}", err=True)
     return replace(image, settings=replace(image.settings, inpainted=False))
@@ -520,7 +551,8 @@ def plan_memory(batch: list[Settings], checkpoint: Path, device, dtype: str, vae
     width, height = max(sizes, key=lambda size: size[0] * size[1])
     stored = weights_dtype(dtype, device)
     guided = any(settings.cfg_scale != 1.0 for settings in batch)
-    return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device)), device, stored, vae_tiling)
+    controlnets = max(len(settings.controlnets) for settings in batch)
+    return plan_vae_tiling(Render(width, height, 1, guided, compute_dtype(stored, device), controlnets), device, stored, vae_tiling)
 
 
 def load(checkpoint: Path, vae: Path | None, device, dtype: str) -> dict:
@@ -534,6 +566,33 @@ def load(checkpoint: Path, vae: Path | None, device, dtype: str) -> dict:
     with_vae = f" with the VAE {vae.name}" if vae is not None else ""
     click.echo(f"loaded {checkpoint.name}{with_vae} in {time.perf_counter() - started:.1f} s ({device}, {precision(models, device)})", err=True)
     return models
+
+
+def load_controlnets(units: tuple[ControlNetUnit, ...], models: dict, device) -> list | None:
+    """The ControlNets of the batch (each image's are the same), in the U-Net's dtype; None without any."""
+    if not units:
+        return None
+    started = time.perf_counter()
+    controlnets = cached_controlnets([unit.model for unit in units], device, next(models["diffusion"].parameters()).dtype)
+    names = ", ".join(Path(unit.model).name for unit in units)
+    click.echo(f"loaded {names} in {time.perf_counter() - started:.1f} s", err=True)
+    return controlnets
+
+
+def control_units(nets: tuple[Path, ...], images: tuple[Path, ...], per_unit: dict[str, tuple], canny_low: int, canny_high: int,
+                  guess_mode: bool) -> tuple[ControlNetUnit, ...]:
+    """The ControlNets asked for, each with its options: a --control-* option given once applies to every
+    ControlNet, given once for each to each in order."""
+    if len(images) != len(nets):
+        raise SDError(f"each --control-net needs a --control-image and each --control-image a --control-net: got {len(nets)} and {len(images)}")
+    units = []
+    for name, values in per_unit.items():
+        if len(values) not in (0, 1, len(nets)) or (values and not nets):
+            raise SDError(f"--control-{name} given {len(values)} times for {len(nets)} --control-net: give it once for all, or once for each")
+    for index, net in enumerate(nets):
+        chosen = {name: values[index if len(values) > 1 else 0] for name, values in per_unit.items() if values}
+        units.append(ControlNetUnit(str(net), **chosen, guess_mode=guess_mode, canny_low=canny_low, canny_high=canny_high))
+    return tuple(units)
 
 
 def precision(models: dict, device) -> str:

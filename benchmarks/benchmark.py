@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/benchmark.py --only decode --dtypes bf16 --decode-sizes 1024 2048   # sd's decode alone
     .venv/bin/python benchmarks/benchmark.py --only hires --dtypes bf16 --hires-sizes 512 1024     # sd's txt2img, hires fix
     .venv/bin/python benchmarks/benchmark.py --only prompts --dtypes bf16                            # long prompts' cost
+    .venv/bin/python benchmarks/benchmark.py --only controlnet --dtypes bf16 --sizes 512              # one ControlNet's cost
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -25,6 +26,9 @@ the process held then: Python, torch and the decoder's weights).
 render's, each U-Net step's and the decode's time, and the render's peak RSS counted from after the load.
 `--only prompts` (not part of the default run) measures, in one process, the encoding of a 1-chunk and a 3-chunk
 prompt and a guided U-Net step at the largest of `--sizes` attending to 77 and to 231 context tokens, in turn.
+`--only controlnet` (not part of the default run) measures, in one process, a guided U-Net step (batch 2) at the
+largest of `--sizes` without and with one ControlNet (its residuals computed in the same step), in turn, and the
+ControlNet's load time and the memory it adds (a random full-size one, fp16 on disk, or `--controlnet FILE`).
 The decode, hires and prompts groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
 
@@ -329,6 +333,29 @@ def worker_prompts(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int,
     return in_turns(calls, repeat)
 
 
+def worker_controlnet(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, controlnet: str, **_) -> dict:
+    """Issue 22's cost of one ControlNet: its load (time, and the RSS it adds), and in turns a guided U-Net step
+    (batch 2) at `size` without it and with it (the ControlNet's forward pass, then the U-Net's with its
+    residuals), the control image's hint features computed once beforehand as generate() does."""
+    from sd.controlnet import Control, Guide
+    from sd.model_loader import load_controlnet
+
+    unet = load_sd(checkpoint, dtype)["diffusion"]
+    compute = compute_dtype(dtype, CPU)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, unet.config.context_width, generator=generator).to(compute)
+    before = current_rss_gib()
+    start = time.perf_counter()
+    model = load_controlnet(controlnet, dtype=dtype)
+    loaded = {"controlnet_load_s": time.perf_counter() - start, "controlnet_rss_gib": current_rss_gib() - before}
+    hint = model.encode_hint(torch.rand(1, 3, size, size, generator=generator).to(compute))
+    control = Control([Guide(model, hint, 1.0, 0.0, 1.0, guess_mode=False)], calls=1)
+    calls = {"unet_step": lambda: unet(latents, context, 500),
+             "controlled_unet_step": lambda: unet(latents, context, 500, control(latents, context, 500, 0, guided=True))}
+    return {**loaded, **in_turns(calls, repeat)}
+
+
 def in_turns(calls: dict, repeat: int) -> dict:
     """The wall and CPU seconds of each of `calls`, one call of each per turn over `repeat` turns after a warm-up
     turn, so that a slow spell of the machine falls on all of them alike."""
@@ -342,7 +369,7 @@ def in_turns(calls: dict, repeat: int) -> dict:
 
 
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
-           "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts}
+           "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts, "controlnet": worker_controlnet}
 
 
 def run_worker(spec: dict) -> dict:
@@ -388,6 +415,9 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
                            tiled=size >= args.tiled_from, checkpoint=str(files[".safetensors"])) for size in args.hires_sizes]
         if "prompts" in args.only:
             specs.append(dict(group="prompts", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, checkpoint=str(files[".safetensors"])))
+        if "controlnet" in args.only:
+            specs.append(dict(group="controlnet", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, checkpoint=str(files[".safetensors"]),
+                              controlnet=str(args.controlnet)))
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
@@ -481,6 +511,8 @@ def label(result: dict) -> str:
         return f"{dtype} txt2img {size}x{size}, {steps}{', tiled decode' if result['tiled'] else ''}"
     if group == "prompts":
         return f"{dtype} prompts, U-Net at {result['size']}x{result['size']}"
+    if group == "controlnet":
+        return f"{dtype} one ControlNet, U-Net at {result['size']}x{result['size']}"
     return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
 
 
@@ -536,12 +568,19 @@ def pair_text(figure) -> str:
     return f"{figure:.2f}"
 
 
+def random_controlnet(folder: Path) -> Path:
+    from controlnets import control_params, random_controlnet_state_dict, write_controlnet
+
+    return write_controlnet(random_controlnet_state_dict(control_params(), dtype=torch.float16), folder / "random-controlnet.safetensors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts"],
-                        help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost)")
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet"],
+                        help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost), "
+                             "controlnet (a U-Net step with and without one ControlNet)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
@@ -554,6 +593,7 @@ def main() -> None:
     parser.add_argument("--hires-steps", type=int, default=1, help="--only hires: the hires pass's steps (default 1)")
     parser.add_argument("--tiled-from", type=int, default=2048, help="--only hires: the smallest side decoded in tiles (default 2048)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
+    parser.add_argument("--controlnet", type=Path, help="--only controlnet: an existing ControlNet file instead of a new random one")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = parser.parse_args()
     if args.worker:
@@ -572,6 +612,8 @@ def main() -> None:
             state = random_sd15_state_dict(seed=0)
             files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
             del state
+        if "controlnet" in args.only and args.controlnet is None:
+            args.controlnet = random_controlnet(folder)
         results = []
         for spec in plan(args, files, folder):
             results.append(measure(spec))

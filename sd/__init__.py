@@ -1,10 +1,12 @@
 """Stable Diffusion 1.5 from scratch in PyTorch."""
 
+from .control import ControlNetUnit
 from .embeddings import load_embeddings
 from .errors import SDError
-from .model_loader import load_models, swap_vae
+from .model_loader import load_controlnet, load_models, swap_vae
 from .pipeline import generate
 from .prompts import encode_prompt, parse_prompt, prompt_chunks
 from .settings import Settings
 
-__all__ = ["SDError", "Settings", "generate", "encode_prompt", "load_embeddings", "load_models", "parse_prompt", "prompt_chunks", "swap_vae"]
+__all__ = ["ControlNetUnit", "SDError", "Settings", "generate", "encode_prompt", "load_controlnet", "load_embeddings", "load_models", "parse_prompt",
+           "prompt_chunks", "swap_vae"]

@@ -176,33 +176,46 @@ class Stage(nn.ModuleList):
         return x
 
 
+def encoder_stages(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The U-Net's encoder half (a ControlNet's too): its stages, and the width of each one's output, which the
+    decoder half takes as a skip connection."""
+    widths = [config.base_width * m for m in config.width_multipliers]
+    stages = nn.ModuleList([Stage([Conv2d(config.in_channels, widths[0], 3, padding=1)])])
+    skip_widths = [widths[0]]
+    width = widths[0]
+    for level, level_width in enumerate(widths):
+        for _ in range(config.blocks_per_level):
+            layers = [ResidualBlock(config, width, level_width)]
+            width = level_width
+            if level in config.attention_levels:
+                layers.append(SpatialTransformer(config, width))
+            stages.append(Stage(layers))
+            skip_widths.append(width)
+        if level < len(widths) - 1:
+            stages.append(Stage([Downsample(width)]))
+            skip_widths.append(width)
+    return stages, skip_widths
+
+
+def middle_stage(config: UNetConfig, width: int) -> Stage:
+    return Stage([ResidualBlock(config, width, width), SpatialTransformer(config, width), ResidualBlock(config, width, width)])
+
+
+def embed_time(time_embedding: TimeEmbedding, timesteps: torch.Tensor | int, latents: torch.Tensor, base_width: int) -> torch.Tensor:
+    """The time embedding of each latent image of the batch, in the latents' dtype: (B,) -> (B, 320) -> (B, 1280)."""
+    timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+    return time_embedding(timestep_embedding(timesteps, base_width).to(latents.dtype))
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = config
         widths = [config.base_width * m for m in config.width_multipliers]
-        last = len(widths) - 1
         self.time_embedding = TimeEmbedding(config.base_width, config.time_width)
-
-        # Encoder half: each stage's output is kept as a skip connection for the decoder half.
-        self.input_blocks = nn.ModuleList([Stage([Conv2d(config.in_channels, widths[0], 3, padding=1)])])
-        skip_widths = [widths[0]]
-        width = widths[0]
-        for level, level_width in enumerate(widths):
-            for _ in range(config.blocks_per_level):
-                layers = [ResidualBlock(config, width, level_width)]
-                width = level_width
-                if level in config.attention_levels:
-                    layers.append(SpatialTransformer(config, width))
-                self.input_blocks.append(Stage(layers))
-                skip_widths.append(width)
-            if level < last:
-                self.input_blocks.append(Stage([Downsample(width)]))
-                skip_widths.append(width)
-
-        self.middle_block = Stage(
-            [ResidualBlock(config, width, width), SpatialTransformer(config, width), ResidualBlock(config, width, width)]
-        )
+        self.input_blocks, skip_widths = encoder_stages(config)
+        width = skip_widths[-1]
+        self.middle_block = middle_stage(config, width)
 
         # Decoder half: each stage takes one skip connection, concatenated along the channels.
         self.output_blocks = nn.ModuleList()
@@ -219,10 +232,11 @@ class UNet(nn.Module):
         self.norm_out = group_norm(config, width)
         self.conv_out = Conv2d(width, config.out_channels, 3, padding=1)
 
-    def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
-        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        # (B,) -> (B, 320) -> (B, 1280)
-        time = self.time_embedding(timestep_embedding(timesteps, self.config.base_width).to(latents.dtype))
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | int,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`control`: ControlNets' residuals (sd/controlnet.py), one per skip connection and the last for the
+        middle block, added to them."""
+        time = embed_time(self.time_embedding, timesteps, latents, self.config.base_width)
         x = latents
         skips = []
         # (B, 4, h, w) -> (B, 1280, h / 8, w / 8)
@@ -230,6 +244,9 @@ class UNet(nn.Module):
             x = stage(x, time, context)
             skips.append(x)
         x = self.middle_block(x, time, context)
+        if control is not None:
+            skips = [skip + residual for skip, residual in zip(skips, control)]
+            x = x + control[-1]
         # (B, 1280, h / 8, w / 8) -> (B, 320, h, w)
         for stage in self.output_blocks:
             x = torch.cat([x, skips.pop()], dim=1)

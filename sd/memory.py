@@ -36,6 +36,7 @@ TILE_PIXELS = (64 * LATENT_FACTOR) ** 2
 # the weights a CPU render holds in memory throughout, in parameters: SD 1.5's U-Net and VAE decoder (the text
 # encoder and the VAE encoder stay memory-mapped, sd/model_loader.py)
 RESIDENT_PARAMETERS = 859_520_964 + 49_490_199
+CONTROLNET_PARAMETERS = 361_279_120  # an SD 1.5 ControlNet's, held while the U-Net runs (sd/controlnet.py)
 # left to everything else: the Python process, the libraries, the memory-mapped models while they run
 HEADROOM = 0.5 * GIB
 
@@ -49,6 +50,7 @@ class Render:
     batch: int
     guided: bool
     dtype: torch.dtype  # the dtype the models compute in
+    controlnets: int = 0  # ControlNets beside the U-Net
 
     def unet_bytes(self) -> float:
         scale = self.dtype.itemsize / 4
@@ -70,7 +72,8 @@ def plan_vae_tiling(render: Render, device: torch.device, weights: torch.dtype |
     free = free_bytes(device)
     if free is None:  # nothing to go by: as asked
         return bool(vae_tiling)
-    held = (RESIDENT_PARAMETERS * weights.itemsize if weights is not None else 0) + HEADROOM
+    parameters = RESIDENT_PARAMETERS + render.controlnets * CONTROLNET_PARAMETERS
+    held = (parameters * weights.itemsize if weights is not None else 0) + HEADROOM
     if held + render.unet_bytes() > free or held + render.vae_bytes(tiled=True) > free:
         largest = largest_fitting(render, free - held)
         fits = f"the largest size of that shape that fits is {largest[0]}x{largest[1]}" if largest else "no size fits"

@@ -26,13 +26,14 @@ PREFIXES = [
     ("first_stage_model.post_quant_conv.", "decoder.post_quant_conv."),
     ("cond_stage_model.transformer.text_model.", "clip."),
     ("cond_stage_model.transformer.", "clip."),  # checkpoints saved with transformers < 4.18
+    ("control_model.", "controlnet."),  # a ControlNet's file (sd/controlnet.py)
 ]
 
 # Layer renames, applied in order to the name after its prefix is replaced.
 RENAMES = [
-    # U-Net
-    (r"^diffusion\.time_embed\.0\.", "diffusion.time_embedding.linear_1."),
-    (r"^diffusion\.time_embed\.2\.", "diffusion.time_embedding.linear_2."),
+    # U-Net, and a ControlNet's copy of its encoder half
+    (r"^(diffusion|controlnet)\.time_embed\.0\.", r"\1.time_embedding.linear_1."),
+    (r"^(diffusion|controlnet)\.time_embed\.2\.", r"\1.time_embedding.linear_2."),
     (r"^diffusion\.out\.0\.", "diffusion.norm_out."),
     (r"^diffusion\.out\.2\.", "diffusion.conv_out."),
     (r"\.in_layers\.0\.", ".norm1."),
@@ -47,6 +48,11 @@ RENAMES = [
     (r"\.attn2\.to_([qkv])\.", r".cross_attention.\1_proj."),
     (r"\.ff\.net\.0\.proj\.", ".feed_forward.proj_in."),
     (r"\.ff\.net\.2\.", ".feed_forward.proj_out."),
+    # ControlNet's own layers: the hint encoder (its convolutions at the original's even indices), the 1x1
+    # convolutions out of each encoder stage and out of the middle block
+    (r"^controlnet\.input_hint_block\.", "controlnet.hint."),
+    (r"^controlnet\.zero_convs\.(\d+)\.0\.", r"controlnet.zero_convs.\1."),
+    (r"^controlnet\.middle_block_out\.0\.", "controlnet.middle_out."),
     # VAE
     (r"\.nin_shortcut\.", ".shortcut."),
     (r"\.attn_1\.proj_out\.", ".attn_1.attention.out_proj."),

@@ -86,3 +86,11 @@ def _store(key: str, entry: dict) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         log.warning("could not cache the model hash in %s (%s): it will be computed again next time", path, error.strerror)
+
+
+def old_hash(path: str | Path) -> str:
+    """AUTOMATIC1111's old short hash (AutoV1), by which its ControlNet extension names a model's file: the sha256
+    of the 64 KiB at 1 MiB into the file, 8 hex digits. Reads those bytes alone, so it is not cached."""
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from .clip import CLIP, CLIPConfig
+from .controlnet import ControlNet
 from .decoder import Decoder
 from .diffusion import UNet, UNetConfig
 from .encoder import Encoder
 from .errors import SDError
 from .layers import pack_weights, packing_pays
-from .model_converter import CHECKPOINT_REFUSAL, convert, read_checkpoint, release_pages, target_name
+from .model_converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
 from .vae import VAEConfig
 from .vae_file import VAE_PREFIX, read_vae_file, vae_refusal, vae_target
 
@@ -140,3 +141,76 @@ def _unet_in_channels(tensors: dict[str, torch.Tensor]) -> int:
     first_conv = tensors.get(UNET_FIRST_CONV)
     return first_conv.shape[1] if first_conv is not None and first_conv.dim() == 4 else UNetConfig.in_channels
 
+
+
+CONTROLNET_PREFIX = "control_model."
+CONTROLNET_HINT = "use an SD 1.5 ControlNet in its original single-file layout, such as control_v11p_sd15_canny.pth or .safetensors"
+# Telltale keys of the files most often mistaken for an SD 1.5 ControlNet, first match wins.
+OTHER_CONTROL_FILES = [
+    ("controlnet_cond_embedding.conv_in.weight", "a ControlNet in diffusers' layout (diffusion_pytorch_model.safetensors)"),
+    ("lora_controlnet", "a Control-LoRA, which sd does not run"),
+    ("adapter.", "a T2I-Adapter, which sd does not run"),
+    ("body.0.", "a T2I-Adapter, which sd does not run"),
+    ("model.diffusion_model.", "a Stable Diffusion checkpoint, not a ControlNet: give it as the checkpoint"),
+]
+# The width of the text context a ControlNet's cross-attention reads tells the base model it was made for.
+CONTEXT_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONTEXT_MODELS = {1024: "an SD 2.x ControlNet (1024-wide OpenCLIP text context)", 2048: "an SDXL ControlNet"}
+
+
+def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> ControlNet:
+    """An SD 1.5 ControlNet from its original file (.pth, .ckpt or .safetensors; tensors under `control_model.`,
+    as in the full ControlLDM checkpoints, or bare), every weight loaded strictly, in eval mode, in `dtype`, packed
+    for oneDNN where the U-Net would be (sd/layers.py, pack_weights)."""
+    tensors = read_controlnet(path)
+    config = controlnet_config(tensors, path)
+    with torch.device("meta"):
+        controlnet = ControlNet(config, hint_channels=tensors[CONTROLNET_PREFIX + "input_hint_block.0.weight"].shape[1])
+    expected = {f"controlnet.{key}": value.shape for key, value in controlnet.state_dict().items()}
+    device = torch.device(device)
+    state = convert(tensors, expected, dtype, device, channels_last=device.type != "mps", refusal="not an SD 1.5 ControlNet: tensors {problems}; " + CONTROLNET_HINT)
+    controlnet.load_state_dict({key.removeprefix("controlnet."): value for key, value in state.items()}, strict=True, assign=True)
+    del state
+    controlnet.eval().requires_grad_(False)
+    if packing_pays(device, dtype):
+        pack_weights(controlnet)
+    return controlnet
+
+
+def read_controlnet(path: str | Path) -> MappedCheckpoint:
+    """The ControlNet's tensors of a file, memory-mapped (see controlnet_tensors); cheap enough to check a file
+    before anything loads."""
+    if not Path(path).is_file():
+        raise SDError(f"ControlNet not found: {path}; {CONTROLNET_HINT}")
+    return controlnet_tensors(read_checkpoint(path), path)
+
+
+def controlnet_tensors(tensors: MappedCheckpoint, path) -> MappedCheckpoint:
+    """The ControlNet's tensors of a file, all under `control_model.` (a bare file's given that prefix); SDError
+    naming what the file looks like when it is no SD 1.5 ControlNet. Reads the names and shapes alone."""
+    if not any(key.startswith(CONTROLNET_PREFIX) for key in tensors) and "input_hint_block.0.weight" in tensors:
+        control = MappedCheckpoint((CONTROLNET_PREFIX + key, value) for key, value in tensors.items())
+    else:
+        control = MappedCheckpoint((key, value) for key, value in tensors.items() if key.startswith(CONTROLNET_PREFIX))
+    control.metadata = tensors.metadata
+    if CONTROLNET_PREFIX + "input_hint_block.0.weight" not in control:
+        what = next((description for key, description in OTHER_CONTROL_FILES if any(name.startswith(key) for name in tensors)), None)
+        raise SDError(f"{path} is {what or 'not a ControlNet (it has no input_hint_block)'}; {CONTROLNET_HINT}")
+    context = control.get(CONTROLNET_PREFIX + CONTEXT_KEY)
+    if context is not None and context.shape[-1] in CONTEXT_MODELS:
+        raise SDError(f"{path} is {CONTEXT_MODELS[context.shape[-1]]}, not one for SD 1.5; {CONTROLNET_HINT}")
+    if CONTROLNET_PREFIX + "label_emb.0.0.weight" in control:
+        raise SDError(f"{path} is {CONTEXT_MODELS[2048]}, not one for SD 1.5; {CONTROLNET_HINT}")
+    return control
+
+
+def controlnet_config(tensors: MappedCheckpoint, path) -> UNetConfig:
+    """The sizes of the ControlNet's encoder: SD 1.5's, unless the file's metadata gives others under
+    "sd_config" as {"controlnet": {...}} (as the tests' small ControlNets do)."""
+    described = tensors.metadata.get("sd_config")
+    if described is None:
+        return UNetConfig()
+    try:
+        return _config(UNetConfig, json.loads(described)["controlnet"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise SDError(f"the sd_config metadata of {path} is not valid ({error}): remove it") from None

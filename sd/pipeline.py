@@ -4,8 +4,8 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,13 +14,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .control import ControlNetUnit, control_image
+from .controlnet import Control, ControlNet, Guide, compatible
 from .embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
-from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
+from .model_hash import old_hash
+from .model_loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompt_schedule import Timeline
 from .prompts import ContextSchedule, guidance_contexts
@@ -45,6 +48,8 @@ DEMO_NOTICE = (
 
 # The models of the last checkpoint loaded, reused by later calls: (path, device, dtype, VAE file) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
+# The ControlNets of the last render that used any, likewise: (path, device, dtype) -> ControlNet.
+_loaded_controlnets: dict[tuple, ControlNet] = {}
 
 
 def generate(
@@ -63,6 +68,8 @@ def generate(
     vae_tiling: bool | None = None,
     embeddings: Mapping[str, Embedding] | None = None,
     vae: str | Path | None = None,
+    control_images: Sequence[Image.Image | str | Path] = (),
+    controlnet_models: Sequence[ControlNet] | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -86,6 +93,9 @@ def generate(
 
     `vae`: a VAE file to stand in for the checkpoint's (sd/vae_file.py), for the models generate() loads; given
     `models`, swap their VAE with swap_vae (sd/model_loader.py) instead.
+    `control_images`: one for each of the Settings' `controlnets` (sd/control.py), in their order; each is resized
+    to the output size and preprocessed as its unit says. The ControlNets are loaded from their units' files, or
+    given loaded in `controlnet_models` (sd/model_loader.py, load_controlnet), in the same order.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -99,6 +109,7 @@ def generate(
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
+    control_sources = check_control(settings, control_images, controlnet_models)
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
@@ -110,12 +121,17 @@ def generate(
     stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
     # the largest size the render reaches: hires fix's
     final_width, final_height = (hires.width, hires.height) if hires is not None else (width, height)
-    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device))
+    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device), len(settings.controlnets))
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
+    controlnets = controlnet_models
+    if settings.controlnets and controlnets is None:
+        controlnets = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
+    check_controlnets_fit(controlnets or (), models["diffusion"])
+    control = RenderControl(settings.controlnets, controlnets or (), control_sources, device, idle_device, dtype)
     strength = settings.strength
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
@@ -154,13 +170,14 @@ def generate(
             conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
-        with on_device(models["diffusion"], device, idle_device) as unet:
-            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype)
+        calls = total_steps(settings.sampler, settings.steps)
+        with on_device(models["diffusion"], device, idle_device) as unet, control.guiding(width, height, calls) as guides:
+            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled)
+            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled, control)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -172,7 +189,8 @@ def generate(
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
-                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()})
+                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()},
+                   controlnets=tuple(recorded_unit(unit) for unit in settings.controlnets))
     for output in images:
         output.info["sd"] = made
     return images
@@ -188,19 +206,25 @@ def pass_timelines(settings: Settings) -> list[Timeline]:
     return [first, Timeline(hires_steps, step_offset=first.steps, fraction_offset=1.0)]
 
 
-def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype):
+def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioning: torch.Tensor | None, cfg_scale: float, dtype: torch.dtype,
+                    control: Control | None = None):
     """The U-Net's noise prediction for latents at a timestep, with classifier-free guidance unless cfg_scale is
     1 (then the contexts hold the prompts alone), and an inpainting checkpoint's `conditioning` beside the
-    latents. Each call takes the context of its count from 0, as prompt editing schedules it."""
+    latents. Each call takes the context of its count from 0, as prompt editing schedules it. With `control`, the
+    ControlNets' residuals for the same latents (without the conditioning) are added to the U-Net's."""
     guided = cfg_scale != 1.0
     calls = itertools.count()
 
     def predict_noise(x: torch.Tensor, timestep: float) -> torch.Tensor:
-        context = contexts(next(calls))
+        call = next(calls)
+        context = contexts(call)
+        # (B, 4, h, w) -> (2B, 4, h, w): the unconditional and the conditional halves in one call
+        latents = torch.cat([x] * (1 + guided)).to(dtype)
+        residuals = control(latents, context, timestep, call, guided) if control is not None else None
         if conditioning is not None:
-            x = torch.cat([x, conditioning], dim=1)  # (B, 4, h, w) -> (B, 9, h, w)
-        # (B, C, h, w) -> (2B, C, h, w): the unconditional and the conditional halves in one call
-        predicted = unet(torch.cat([x] * (1 + guided)).to(dtype), context, timestep).float()
+            # (2B, 4, h, w) -> (2B, 9, h, w)
+            latents = torch.cat([latents, torch.cat([conditioning] * (1 + guided)).to(dtype)], dim=1)
+        predicted = unet(latents, context, timestep, residuals).float()
         if not guided:
             return predicted
         uncond, cond = predicted.chunk(2)
@@ -209,11 +233,13 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool,
+               control: "RenderControl | None" = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
     afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
     `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
-    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
+    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles; `control`: the
+    render's ControlNets, which guide this pass too, their control images resized to its size. Returns the latents
     (B, 4, H/8, W/8)."""
     dtype, vae = dtypes
     generator = torch.Generator().manual_seed(seed)
@@ -232,8 +258,9 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     steps = settings.hires_steps or settings.steps
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
-    with on_device(models["diffusion"], device, idle_device) as unet:
-        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype)
+    guiding = control.guiding(target.width, target.height, total_steps(sampler, steps)) if control is not None else nullcontext()
+    with on_device(models["diffusion"], device, idle_device) as unet, guiding as guides:
+        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype, guides)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
 
@@ -247,6 +274,70 @@ def upscale_decoded(latents: torch.Tensor, upscaler: PixelUpscaler, target: Targ
     latent_shape = (len(latents), 4, *target.latent_size)
     with on_device(models["encoder"], device, idle_device) as encoder:
         return encode_image(encoder, images, generator, latent_shape, device, vae, tiled)
+
+
+def check_control(settings: Settings, images: Sequence, controlnets: Sequence[ControlNet] | None) -> list[Image.Image]:
+    """The control images, read, after the checks that need no model: one image for each ControlNet, and each
+    ControlNet's file an SD 1.5 ControlNet (its header alone is read)."""
+    units = settings.controlnets
+    if len(images) != len(units):
+        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {len(images)} images")
+    if controlnets is not None and len(controlnets) != len(units):
+        raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
+    sources = [read_image(image, "control image") for image in images]
+    if controlnets is None:
+        for unit in units:
+            read_controlnet(unit.model)
+    return sources
+
+
+def check_controlnets_fit(controlnets: Sequence[ControlNet], unet: torch.nn.Module) -> None:
+    for controlnet in controlnets:
+        if not compatible(controlnet, unet.config):
+            raise SDError("the ControlNet was made for another U-Net than the checkpoint's (its widths or text context differ): "
+                          "use an SD 1.5 ControlNet with an SD 1.5 checkpoint")
+
+
+def recorded_unit(unit: ControlNetUnit) -> ControlNetUnit:
+    """The unit as an image records it: with its file's hash, where the file is there to read."""
+    if unit.model_hash is None and Path(unit.model).is_file():
+        return replace(unit, model_hash=old_hash(unit.model))
+    return unit
+
+
+def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtype) -> list[ControlNet]:
+    """The ControlNets of these files, loaded once for later renders with the same ones; the others are dropped."""
+    keys = [(Path(path).resolve(), device, dtype) for path in paths]
+    kept = {key: _loaded_controlnets[key] for key in keys if key in _loaded_controlnets}
+    _loaded_controlnets.clear()
+    for key in keys:
+        if key not in kept:
+            kept[key] = load_controlnet(key[0], device=device, dtype=dtype)
+    _loaded_controlnets.update(kept)
+    return [kept[key] for key in keys]
+
+
+class RenderControl:
+    """The ControlNets of a render and their control images, which guide each sampling pass at its own size."""
+
+    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], device, idle_device, dtype: torch.dtype):
+        self.units, self.controlnets, self.images = units, controlnets, images
+        self.device, self.idle_device, self.dtype = device, idle_device, dtype
+
+    @contextmanager
+    def guiding(self, width: int, height: int, calls: int):
+        """The guidance of a pass of `calls` U-Net calls at width x height (None without ControlNets), the
+        ControlNets on the device meanwhile; their control images' features are computed once for the pass."""
+        if not self.units:
+            yield None
+            return
+        with ExitStack() as stack:
+            guides = []
+            for controlnet, image, unit in zip(self.controlnets, self.images, self.units):
+                controlnet = stack.enter_context(on_device(controlnet, self.device, self.idle_device))
+                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.device, self.dtype))
+                guides.append(Guide(controlnet, hint, unit.strength, unit.start, unit.end, unit.guess_mode))
+            yield Control(guides, calls)
 
 
 def is_inpainting_model(unet: torch.nn.Module) -> bool:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .control import FIELD_NAME as CONTROLNET_FIELD, ControlNetUnit, read_unit
 from .embeddings import infotext_name
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
@@ -73,12 +74,14 @@ class Settings:
     hires_strength: float = 0.7  # A1111's "Denoising strength" of the second pass
     hires_sampler: str | None = None  # None: the first pass's sampler, with its noise levels
     hires_karras: bool = False  # Karras's noise levels for hires_sampler
+    controlnets: tuple[ControlNetUnit, ...] = ()  # each with its control image, given to generate() beside them
 
     @property
     def hires(self) -> bool:
         return self.hires_scale is not None or self.hires_width is not None or self.hires_height is not None
 
     def __post_init__(self):
+        object.__setattr__(self, "controlnets", tuple(self.controlnets))  # a list given is kept as a tuple
         if self.strength is not None and not 0 < self.strength <= 1:
             raise SDError(f"strength must be in (0, 1], got {self.strength}: 1 redraws the image completely, small values keep it")
         if self.cfg_scale < 0:
@@ -160,6 +163,7 @@ class Settings:
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
             "TI hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.ti_hashes.items()) or None,
+            **{f"ControlNet {index}": unit.infotext_value() for index, unit in enumerate(self.controlnets)},
             # as A1111: only where the mode makes a difference to brackets
             "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
         }
@@ -260,7 +264,11 @@ def read_infotext(text: str, leave_out: Collection[str] = ()) -> Infotext:
         unread.add("Size")
     fields_found = {name: value for name, value in written.items() if name not in unread}
     values, ignored = {"prompt": prompt, "negative_prompt": negative}, []
+    if "controlnets" not in leave_out:
+        values["controlnets"] = tuple(read_unit(name, value) for name, value in fields_found.items() if CONTROLNET_FIELD.match(name))
     for name, value in fields_found.items():
+        if CONTROLNET_FIELD.match(name):
+            continue
         if name in FIELD_READERS:
             values.update(FIELD_READERS[name](name, value))
         elif name not in READ_APART | NOT_SETTINGS and (name, value) not in SAME_AS_OURS:

@@ -66,3 +66,15 @@ def vae(safetensors_checkpoint):
     yield model
     del model
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def controlnet_file(tmp_path_factory):
+    """One random full-size SD 1.5 ControlNet in the original layout (control_model.*), fp16 on disk (0.7 GB)."""
+    import torch
+    from controlnets import control_params, random_controlnet_state_dict, write_controlnet
+
+    path = tmp_path_factory.mktemp("controlnet") / "control_random_sd15.safetensors"
+    write_controlnet(random_controlnet_state_dict(control_params(), seed=1, dtype=torch.float16), path)
+    gc.collect()
+    return path

@@ -147,3 +147,24 @@ def a1111_conditioning(clip, chunks: list, clip_skip: int = 1, emphasis: str = "
             z = output.last_hidden_state if clip_skip == 1 else clip.final_layer_norm(output.hidden_states[-clip_skip])
             encoded.append(a1111_emphasis(z, weights, emphasis))
     return torch.cat(encoded, dim=1)
+
+
+def reference_controlnet(path, original_config: dict, plain_attention: bool = True):
+    """diffusers' ControlNetModel from an original-layout ControlNet file, through its single-file converter and
+    config. diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls create_unet_diffusers_config_from_ldm
+    without the checkpoint it requires (a TypeError): it is handed one."""
+    from unittest import mock
+
+    from diffusers import ControlNetModel
+    from diffusers.loaders import single_file_utils as utils
+    from diffusers.models.attention_processor import AttnProcessor
+
+    checkpoint = read_original(path, "")
+    unet_config = utils.create_unet_diffusers_config_from_ldm
+    with mock.patch.object(utils, "create_unet_diffusers_config_from_ldm", lambda config, image_size=None, **kwargs: unet_config(config, checkpoint, **kwargs)):
+        config = utils.create_controlnet_diffusers_config_from_ldm(original_config, checkpoint)
+    state = {key: value.float() for key, value in utils.convert_controlnet_checkpoint(checkpoint, config).items()}
+    controlnet = _build_on_meta(ControlNetModel, config, state)
+    if plain_attention:
+        controlnet.set_attn_processor(AttnProcessor())
+    return controlnet
