@@ -125,7 +125,7 @@ def generate(
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
-    dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
+    dtype, vae_type = compute_dtype(stored, device), vae_dtype(stored, device)
     inpainting_model = is_inpainting_model(models["diffusion"])
     controlnets = controlnet_models
     if settings.controlnets and controlnets is None:
@@ -163,11 +163,11 @@ def generate(
 
         needs_encoder = needs_image_latents or inpainting_model
         with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
-            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae, tiled) if needs_image_latents else None
+            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae_type, tiled) if needs_image_latents else None
             # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
             noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
             # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
-            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
+            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae_type, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         calls = total_steps(settings.sampler, settings.steps)
@@ -177,11 +177,11 @@ def generate(
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled, control)
+            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
-            pixels = decoder(x.to(vae), tiled=tiled).float()
+            pixels = decoder(x.to(vae_type), tiled=tiled).float()
 
     images = [to_pil(p) for p in pixels]
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
