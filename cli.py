@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
+from sd.batch import Job, save_png
+from sd.cluster import render_batch
 from sd.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
@@ -84,14 +85,6 @@ class Axis:
     name: str
     texts: list[str]
     values: list
-
-
-@dataclass
-class Job:
-    """One image to make: its settings (prompt and seed included) and its file."""
-
-    settings: Settings
-    path: Path
 
 
 @main.command("generate")
@@ -174,10 +167,18 @@ class Job:
               help='An X/Y plot: every combination of two settings\' values, e.g. --xy "cfg=3,7.5,12" "steps=10,20", with one '
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", metavar="[ADDRESS]",
+              help='Render the batch on a Ray cluster (pip install "sd[ray]"): workers that each load the model once on '
+                   "their own GPU (or CPUs) render the jobs; the images come back here. No ADDRESS: Ray on this machine, "
+                   "or $RAY_ADDRESS; auto: the cluster `ray start` joined this machine to; or HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), help="With --ray: how many workers. Default: as many as the cluster has room for.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: each worker's GPUs. Default: 1 where the cluster has GPUs, else 0.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: each worker's CPUs (on a CPU, its threads).")
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
                      emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
                      hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
-                     overwrite, grid, xy):
+                     overwrite, grid, xy, ray_address, workers, gpus_per_worker, cpus_per_worker):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -191,6 +192,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
+    ray_options = dict(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    if ray_address is None and given(ray_options):
+        raise click.UsageError(f"--{next(iter(given(ray_options))).replace('_', '-')} is an option of --ray: add --ray")
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
     axes = [read_axis(text) for text in xy] if xy else None
@@ -199,7 +203,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     check_mask_has_image(mask_path, input_path)
     if settings.hires and input_path is not None:
         raise SDError("hires fix is text-to-image only, as in AUTOMATIC1111: leave out --input, or the hires options")
-    device = pick_device(device)
+    device = pick_device(device) if ray_address is None else device  # Ray's workers pick their own
     checkpoint = find_checkpoint(checkpoint)
     embeddings = load_embeddings(embeddings_folder)
     input_image = open_image(input_path, "--input") if input_path is not None else None
@@ -213,12 +217,18 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
-    vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
+    if ray_address is None:  # Ray's workers plan their own
+        vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
+    inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings)
+    if ray_address is None:
+        rendered = render(jobs, inputs, checkpoint, device, dtype)
+    else:
+        rendered = render_batch(jobs, checkpoint, ray_address=ray_address or None, device=device, dtype=dtype, overwrite=True, **ray_options, **inputs)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
@@ -227,7 +237,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_other_embeddings(from_image, image.settings, embeddings)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, device, dtype):
+        for path in rendered:
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -528,19 +538,6 @@ def checkpoint_hash(checkpoint: Path) -> str:
         return model_hash.short_hash(checkpoint)
     except OSError as error:
         raise SDError(f"cannot read checkpoint {checkpoint} ({error.strerror or error})") from None
-
-
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Writes a temporary file beside `path` and renames it over, so `path` is never half-written."""
-    metadata = PngInfo()
-    metadata.add_text("parameters", parameters)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(temporary, format="PNG", pnginfo=metadata)
-        os.replace(temporary, path)
-    except BaseException:  # a failed write or Ctrl+C: leave no temporary file behind
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":
