@@ -169,8 +169,9 @@ class Axis:
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", metavar="[ADDRESS]",
               help='Render the batch on a Ray cluster (pip install "sd[ray]"): workers that each load the model once on '
-                   "their own GPU (or CPUs) render the jobs; the images come back here. No ADDRESS: Ray on this machine, "
-                   "or $RAY_ADDRESS; auto: the cluster `ray start` joined this machine to; or HOST:PORT.")
+                   "their own GPU (or CPUs) render the jobs; the images come back here. No ADDRESS: $RAY_ADDRESS, else the "
+                   "cluster `ray start` joined this machine to, else Ray started here for the batch; auto: a cluster only; "
+                   "or the head node's HOST:PORT.")
 @click.option("--workers", type=click.IntRange(min=1), help="With --ray: how many workers. Default: as many as the cluster has room for.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: each worker's GPUs. Default: 1 where the cluster has GPUs, else 0.")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,

@@ -35,7 +35,6 @@ log = logging.getLogger("sd")
 INSTALL_HINT = 'pip install "sd[ray]"'
 RETRIES = 2  # how many times a job runs again after its worker died while rendering it
 CONNECT_TIMEOUT_S = 5  # Ray itself retries an unreachable address for minutes
-RAY_DEFAULT_PORT = 6379
 # Test hooks: a worker's process exits, as a crash would, when it starts a job whose file's path holds this text:
 # only the worker's first process (Ray's retry then succeeds), or every time (the job fails).
 CRASH_ONCE, CRASH_ALWAYS = "SD_RAY_TEST_CRASH_ONCE", "SD_RAY_TEST_CRASH_ALWAYS"
@@ -103,9 +102,9 @@ def render_batch(jobs: Iterable[Job], checkpoint: str | Path | None = None, *, r
     file is complete, in the order they finish; files that exist are skipped unless `overwrite`. Jobs that fail
     for their own reasons are named, once the others are done, by a BatchFailed (exit code 1).
 
-    `ray_address`: None starts Ray on this machine, unless $RAY_ADDRESS names a cluster (as Ray does); "auto" the
-    cluster `ray start` started here; "HOST:PORT" another machine's. A Ray connection the caller already has is
-    used as it is. `workers`: default, as many as the cluster has room for, each taking `gpus_per_worker` GPUs
+    `ray_address`, as Ray's: None for $RAY_ADDRESS, else the cluster `ray start` joined this machine to, else a
+    Ray started on this machine for the batch; "auto" the first two only; "HOST:PORT" a cluster's head node. A
+    Ray connection the caller already has is used as it is. `workers`: default, as many as the cluster has room for, each taking `gpus_per_worker` GPUs
     (default: 1 where the cluster has GPUs, else 0) and `cpus_per_worker` CPUs. `device` and `dtype` are chosen
     by each worker on its own machine, as generate() does; `inputs` are generate()'s options shared by all jobs.
 
@@ -145,10 +144,10 @@ def collect(ray, actors: list, jobs: list[Job], made_by: dict, progress: bool) -
     """Hands the jobs to the actors as they become free, and writes each image as it comes back."""
     from ray.util import ActorPool
 
-    pool, rendering = ActorPool(actors), {}  # actor id -> the actor and the job it renders (one at a time)
+    pool, in_flight = ActorPool(actors), {}  # actor id -> the actor and the job it renders (one at a time)
 
     def submit(actor, job: Job):
-        rendering[actor._actor_id.hex()] = actor, job  # the id Ray's errors name the actor by
+        in_flight[actor._actor_id.hex()] = actor, job  # the id Ray's errors name the actor by
         return actor.render.remote(job)
 
     for job in jobs:
@@ -156,7 +155,7 @@ def collect(ray, actors: list, jobs: list[Job], made_by: dict, progress: bool) -
     failures, nodes = [], set()
     with tqdm(total=len(jobs), unit="image", disable=not progress) as bar:
         while pool.has_next():
-            rendered = next_rendered(ray, pool, rendering)
+            rendered = next_rendered(ray, pool, in_flight)
             if rendered.node is not None:
                 nodes.add(rendered.node)
             bar.set_postfix_str(f"{len(nodes)} node{'s' * (len(nodes) > 1)}")
@@ -175,7 +174,7 @@ def collect(ray, actors: list, jobs: list[Job], made_by: dict, progress: bool) -
         raise BatchFailed(failures, len(jobs))
 
 
-def next_rendered(ray, pool, rendering: dict) -> Rendered:
+def next_rendered(ray, pool, in_flight: dict) -> Rendered:
     """The next job a worker finished, or failed: one whose worker died each of the 1 + RETRIES times it ran it.
     A worker that cannot load the models stops the batch."""
     try:
@@ -185,7 +184,7 @@ def next_rendered(ray, pool, rendering: dict) -> Rendered:
             raise SDError(f"a worker failed: {error.cause}") from None
         raise
     except ray.exceptions.RayActorError as error:
-        actor, job = rendering[error.actor_id]
+        actor, job = in_flight[error.actor_id]
         if isinstance(error, ray.exceptions.ActorDiedError):  # which the pool drops, but Ray restarts
             pool.push(actor)
         return Rendered(job, None, None, f"its worker died each of the {1 + RETRIES} times it ran it", None, False)
@@ -221,7 +220,7 @@ def connection(ray, address: str | None):
         yield
         return
     try:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=False)  # stdout is for the command's own lines; failures come back as errors
     except ConnectionError as error:
         raise SDError(f"cannot connect to Ray: {error}") from None
     try:
@@ -231,12 +230,12 @@ def connection(ray, address: str | None):
 
 
 def check_reachable(address: str | None) -> None:
-    """Refuses at once a HOST:PORT nobody answers at, which Ray would retry for minutes."""
+    """Refuses at once an address that is not HOST:PORT, or one nobody answers at, which Ray would retry for minutes."""
     if address in (None, "", "auto", "local"):
         return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
-        host, port = address.removeprefix("ray://"), RAY_DEFAULT_PORT
+    if not (host and colon and port.isdigit()):
+        raise SDError(f"Ray address {address!r}: give the head node's HOST:PORT, which `ray start --head` prints, or auto")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:

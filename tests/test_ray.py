@@ -168,11 +168,23 @@ def test_without_ray_installed_it_says_how_to_install_it(monkeypatch):
     assert_one_line_error(sd(*BATCH, "--ray"), 'error: --ray needs Ray, an optional extra: pip install "sd[ray]"')
 
 
-def test_an_unreachable_address_is_refused_at_once(monkeypatch):
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:1", "error: cannot reach a Ray cluster at 127.0.0.1:1"),
+    ("my-cluster", "error: Ray address 'my-cluster': give the head node's HOST:PORT"),
+])
+def test_an_unreachable_address_is_refused_at_once(monkeypatch, address, expected):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a command of its own, not connected yet
     started = time.monotonic()
-    assert_one_line_error(sd(*BATCH, "--ray", "127.0.0.1:1"), "error: cannot reach a Ray cluster at 127.0.0.1:1")
+    assert_one_line_error(sd(*BATCH, "--ray", address), expected)
     assert time.monotonic() - started < 10
+
+
+def test_a_checkpoint_the_workers_cannot_load_stops_the_batch_in_one_line(ray_cluster):
+    Path("broken.safetensors").write_bytes(b"not a checkpoint")
+    result = sd(*BATCH[:-1], "broken.safetensors", "--ray", "--workers", 1)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: a worker failed: cannot read ") and "broken.safetensors" in last
 
 
 @pytest.mark.parametrize("args, expected", [
