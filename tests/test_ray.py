@@ -32,7 +32,8 @@ CRASH_ONCE, CRASH_ALWAYS = "lost-worker/00002-", "doomed/00001-"  # the jobs who
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """Two Ray nodes of one CPU each in this machine, with the crash hooks set for their workers."""
+    """Two Ray nodes of one CPU each in this machine, with the crash hooks set for their workers. Ray puts the
+    working directory of ray.init() (here the repository's) on its workers' path: they import this checkout's sd."""
     hooks = {cluster.CRASH_ONCE: CRASH_ONCE, cluster.CRASH_ALWAYS: CRASH_ALWAYS}
     os.environ.update(hooks)  # before the nodes start: their workers inherit the environment
     nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=SMALL_STORE, include_dashboard=False))
