@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from sd import model_hash
 from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit
+from sd.batch import Job, save_png
+from sd.cluster import render_batch
 from sd.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
@@ -85,14 +86,6 @@ class Axis:
     name: str
     texts: list[str]
     values: list
-
-
-@dataclass
-class Job:
-    """One image to make: its settings (prompt and seed included) and its file."""
-
-    settings: Settings
-    path: Path
 
 
 @main.command("generate")
@@ -197,11 +190,20 @@ class Job:
               help='An X/Y plot: every combination of two settings\' values, e.g. --xy "cfg=3,7.5,12" "steps=10,20", with one '
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", metavar="[ADDRESS]",
+              help='Render the batch on a Ray cluster (pip install "sd[ray]"): workers that each load the model once on '
+                   "their own GPU (or CPUs) render the jobs; the images come back here. No ADDRESS: $RAY_ADDRESS, else the "
+                   "cluster `ray start` joined this machine to, else Ray started here for the batch; auto: a cluster only; "
+                   "or the head node's HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), help="With --ray: how many workers. Default: as many as the cluster has room for.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: each worker's GPUs. Default: 1 where the cluster has GPUs, else 0.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: each worker's CPUs (on a CPU, its threads).")
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
                      emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
                      hires_upscaler, hires_steps, hires_strength, hires_sampler, control_nets, control_images, control_strength, control_start,
                      control_end, control_preprocess, canny_low, canny_high, guess_mode, num_images, checkpoint, vae, device, vae_tiling, dtype,
-                     output, outdir, overwrite, grid, xy):
+                     output, outdir, overwrite, grid, xy, ray_address, workers, gpus_per_worker, cpus_per_worker):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -218,6 +220,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     settings = replace(settings, controlnets=units)  # the image's own are files it names, not ones given here
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
+    ray_options = dict(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    if ray_address is None and given(ray_options):
+        raise click.UsageError(f"--{next(iter(given(ray_options))).replace('_', '-')} is an option of --ray: add --ray")
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
     axes = [read_axis(text) for text in xy] if xy else None
@@ -226,7 +231,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     check_mask_has_image(mask_path, input_path)
     if settings.hires and input_path is not None:
         raise SDError("hires fix is text-to-image only, as in AUTOMATIC1111: leave out --input, or the hires options")
-    device = pick_device(device)
+    device = pick_device(device) if ray_address is None else device  # Ray's workers pick their own
     checkpoint = find_checkpoint(checkpoint)
     if vae is not None:
         check_vae(vae, checkpoint)
@@ -245,12 +250,19 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
-    vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
+    if ray_address is None:  # Ray's workers plan their own
+        vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
+    inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures)
+    if ray_address is None:
+        rendered = render(jobs, inputs, checkpoint, vae, device, dtype)
+    else:
+        rendered = render_batch(jobs, checkpoint, vae=vae, ray_address=ray_address or None, device=device, dtype=dtype, overwrite=True,
+                                **ray_options, **inputs)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
@@ -260,8 +272,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_another_vae(from_image, image.settings, vae)
     saved = 0
     try:
-        inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures)
-        for path in render(jobs, inputs, checkpoint, vae, device, dtype):
+        for path in rendered:
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -604,35 +615,12 @@ def precision(models: dict, device) -> str:
 
 
 def model_files(checkpoint: Path, vae: Path | None) -> dict:
-    """The settings that name the checkpoint and the VAE file: A1111's Model hash, Model, VAE hash and VAE (none for
-    the checkpoint's own VAE, whatever a --from image named)."""
-    named = {"model_hash": file_hash(checkpoint, "checkpoint"), "model": checkpoint.stem, "vae_hash": None, "vae": None}
-    if vae is not None:
-        named.update(vae_hash=file_hash(vae, "VAE file"), vae=vae.name)
-    return named
-
-
-def file_hash(path: Path, what: str) -> str:
-    """A1111's short hash of a checkpoint or a VAE file (sha256[:10]), cached (sd/model_hash.py)."""
-    if model_hash.cached_sha256(path) is None:
-        click.echo(f"hashing {path.name} for the image metadata (once: the hash is cached)", err=True)
-    try:
-        return model_hash.short_hash(path)
-    except OSError as error:
-        raise SDError(f"cannot read {what} {path} ({error.strerror or error})") from None
-
-
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Writes a temporary file beside `path` and renames it over, so `path` is never half-written."""
-    metadata = PngInfo()
-    metadata.add_text("parameters", parameters)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(temporary, format="PNG", pnginfo=metadata)
-        os.replace(temporary, path)
-    except BaseException:  # a failed write or Ctrl+C: leave no temporary file behind
-        temporary.unlink(missing_ok=True)
-        raise
+    """The settings that name the checkpoint and the VAE file (sd/model_hash.py, file_fields), saying so where
+    a file is read whole to hash it."""
+    for path in (checkpoint, vae):
+        if path is not None and model_hash.cached_sha256(path) is None:
+            click.echo(f"hashing {path.name} for the image metadata (once: the hash is cached)", err=True)
+    return model_hash.file_fields(checkpoint, vae)
 
 
 if __name__ == "__main__":

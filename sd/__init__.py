@@ -1,5 +1,7 @@
 """Stable Diffusion 1.5 from scratch in PyTorch."""
 
+from .batch import Job
+from .cluster import BatchFailed, render_batch
 from .control import ControlNetUnit
 from .embeddings import load_embeddings
 from .errors import SDError
@@ -8,5 +10,5 @@ from .pipeline import generate
 from .prompts import encode_prompt, parse_prompt, prompt_chunks
 from .settings import Settings
 
-__all__ = ["ControlNetUnit", "SDError", "Settings", "generate", "encode_prompt", "load_controlnet", "load_embeddings", "load_models", "parse_prompt",
-           "prompt_chunks", "swap_vae"]
+__all__ = ["BatchFailed", "ControlNetUnit", "Job", "SDError", "Settings", "generate", "render_batch", "encode_prompt", "load_controlnet",
+           "load_embeddings", "load_models", "parse_prompt", "prompt_chunks", "swap_vae"]

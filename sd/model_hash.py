@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import SDError
+
 log = logging.getLogger("sd")
 
 CHUNK_BYTES = 4 << 20  # reads of this size keep a 4 GB checkpoint out of memory without slowing the hash
@@ -48,6 +50,23 @@ def sha256(path: str | Path) -> str:
 def short_hash(path: str | Path) -> str:
     """The first 10 hex digits of the sha256, as AUTOMATIC1111's web UI shows a model's hash."""
     return sha256(path)[:10]
+
+
+def file_fields(checkpoint: str | Path, vae: str | Path | None = None) -> dict:
+    """The Settings fields that name the files of a render, as A1111 writes them: Model hash and Model, VAE hash
+    and VAE (None for the checkpoint's own VAE, whatever an earlier image named)."""
+    fields = {"model_hash": readable_short_hash(checkpoint, "checkpoint"), "model": Path(checkpoint).stem, "vae_hash": None, "vae": None}
+    if vae is not None:
+        fields.update(vae_hash=readable_short_hash(vae, "VAE file"), vae=Path(vae).name)
+    return fields
+
+
+def readable_short_hash(path: str | Path, what: str) -> str:
+    """short_hash(), or an SDError naming `what` could not be read."""
+    try:
+        return short_hash(path)
+    except OSError as error:
+        raise SDError(f"cannot read {what} {path} ({error.strerror or error})") from None
 
 
 def _identity(path: str | Path) -> tuple[str, int, int]:
