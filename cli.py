@@ -21,6 +21,7 @@ from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
 from sd.model_loader import image_size
@@ -124,6 +125,13 @@ class Job:
               help="A folder of textual-inversion embeddings (AUTOMATIC1111's .pt, kohya's .safetensors, diffusers' .bin or "
                    ".safetensors; subfolders too): a file's name without its extension is the word that stands for it in a "
                    "prompt. Default: data/embeddings/ where it exists.")
+@click.option("--lora-dir", type=click.Path(path_type=Path),
+              help="The folder of LoRA and LyCORIS files (kohya's, LyCORIS', diffusers' .safetensors, or .pt/.ckpt; subfolders "
+                   "too) that <lora:NAME:MULTIPLIER> in a prompt names, NAME being a file's name without its extension; "
+                   "<lora:NAME:TE:UNET> multiplies the text encoder's and the U-Net's changes apart. Default: data/lora/.")
+@click.option("--lora", "lora_files", multiple=True, metavar="FILE[:MULTIPLIER]",
+              help="A LoRA file to use with every prompt (as <lora:ITS-NAME:MULTIPLIER> added to the prompt, which the "
+                   "image's settings record); MULTIPLIER defaults to 1. Repeat for several.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
@@ -175,7 +183,7 @@ class Job:
                    f"model load; each image is kept, and a grid-NNNN.png labels them. Settings: {', '.join(AXES)}. "
                    'Values are comma-separated; quote one holding a comma: "prompt=\\"a cat, red\\",a dog".')
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
-                     emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
+                     emphasis, embeddings_folder, lora_dir, lora_files, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
                      hires_upscaler, hires_steps, hires_strength, hires_sampler, num_images, checkpoint, device, vae_tiling, dtype, output, outdir,
                      overwrite, grid, xy):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
@@ -191,6 +199,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     image = read_image_settings(from_image, given(options), input_path is not None) if from_image is not None else None
     settings = command_settings(image.settings if image else Settings(), given(options) if image else options)
     prompts = read_prompts(prompt, prompts_file, image.settings.prompt if image else None)
+    lora_paths, lora_tags = read_lora_options(lora_files)
+    prompts = [prompt + lora_tags for prompt in prompts]
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
     axes = [read_axis(text) for text in xy] if xy else None
@@ -202,6 +212,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
     embeddings = load_embeddings(embeddings_folder)
+    loras = LoraLibrary(lora_dir, lora_paths)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     if mask is not None:
@@ -213,6 +224,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
+    for text in dict.fromkeys(settings.prompt for settings in batch):
+        prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
     vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
@@ -225,9 +238,10 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         warn_of_another_model(from_image, image.settings, checkpoint)
     if image is not None:
         warn_of_other_embeddings(from_image, image.settings, embeddings)
+        warn_of_other_loras(from_image, image.settings, loras)
     saved = 0
     try:
-        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings), checkpoint, device, dtype):
+        for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, loras=loras), checkpoint, device, dtype):
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
@@ -278,7 +292,7 @@ def describe(path: Path) -> dict:
 
 def render(jobs: list[Job], inputs: dict, checkpoint: Path, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
-    generate()'s input image, mask, VAE tiling and embeddings."""
+    generate()'s input image, mask, VAE tiling, embeddings and LoRA files."""
     models = load(checkpoint, device, dtype)
     short_hash, sampling = None, 0.0
     for job in jobs:
@@ -406,6 +420,31 @@ def warn_of_other_embeddings(path: Path, made: Settings, embeddings: dict[str, E
                        f"its word is read as text (see --embeddings)", err=True)
         elif ours[name] != short_hash:
             click.echo(f"warning: {path} was made with the embedding {name} {short_hash}, not the {ours[name]} here: the image will differ", err=True)
+
+
+def warn_of_other_loras(path: Path, made: Settings, loras: LoraLibrary) -> None:
+    """One line for each LoRA the image names in its Lora hashes that is missing here or differs."""
+    ours = {infotext_name(name): file for name, file in loras.items()}
+    for name, short_hash in made.lora_hashes.items():
+        if name not in ours:
+            click.echo(f"warning: {path} was made with the LoRA {name} ({short_hash}), which is not in {loras.folder}: "
+                       f"put it there, or give --lora-dir or --lora FILE", err=True)
+        elif (found := read_lora(name, ours[name]).short_hash) != short_hash:
+            click.echo(f"warning: {path} was made with the LoRA {name} {short_hash}, not the {found} here: the image will differ", err=True)
+
+
+def read_lora_options(options: tuple[str, ...]) -> tuple[list[Path], str]:
+    """The files of --lora FILE[:MULTIPLIER] and the tags that ask for them, " <lora:NAME:MULTIPLIER>" each."""
+    paths, tags = [], ""
+    for option in options:
+        file, colon, multiplier = option.rpartition(":")
+        try:
+            path, number = (Path(file), float(multiplier)) if colon else (Path(option), 1.0)
+        except ValueError:  # the colon is the path's own
+            path, number = Path(option), 1.0
+        paths.append(path)
+        tags += f" <lora:{path.stem}:{number:g}>"
+    return paths, tags
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +19,8 @@ from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
+from .lora import LoraLibrary, prompt_loras
+from .lora_merge import merged, plan_changes
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
@@ -62,6 +64,7 @@ def generate(
     progress: bool = True,
     vae_tiling: bool | None = None,
     embeddings: Mapping[str, Embedding] | None = None,
+    loras: LoraLibrary | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -82,6 +85,10 @@ def generate(
 
     `embeddings` (sd/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
     stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
+
+    `loras` (sd/lora.py): the LoRA files that the prompt's `<lora:NAME:MULTIPLIER>` tags name, by name; None: those
+    of data/lora/. Their changes are merged into the weights for this render only (sd/lora_merge.py); those used
+    are recorded in the Settings' `lora_hashes`.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -93,6 +100,7 @@ def generate(
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
+    lora_files = prompt_loras(settings.prompt, loras if loras is not None else LoraLibrary())
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
@@ -109,6 +117,7 @@ def generate(
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored)
     dtype, vae = compute_dtype(stored, device), vae_dtype(stored, device)
+    lora_changes = plan_changes(models, lora_files)  # every module checked before anything runs
     inpainting_model = is_inpainting_model(models["diffusion"])
     strength = settings.strength
     if strength is None:
@@ -135,7 +144,7 @@ def generate(
     with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
-        with on_device(models["clip"], device, idle_device):
+        with on_device(models["clip"], device, idle_device), merged(lora_changes["clip"]):
             # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
             contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
 
@@ -148,13 +157,13 @@ def generate(
             conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae, tiled) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
-        with on_device(models["diffusion"], device, idle_device) as unet:
+        with unet_on_device(models["diffusion"], device, idle_device, lora_changes["diffusion"]) as unet:
             predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae), progress, tiled)
+            x = hires_pass(x, settings, hires, seed, models, lora_changes["diffusion"], contexts[1], device, idle_device, (dtype, vae), progress, tiled)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -166,7 +175,8 @@ def generate(
         images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
-                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()})
+                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()},
+                   lora_hashes={tag.name: lora.short_hash for tag, lora in lora_files})
     for output in images:
         output.info["sd"] = made
     return images
@@ -203,10 +213,10 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, lora_changes: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
-    afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
-    `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
+    afresh from the same seed at the new size, and redrawn by image-to-image (the U-Net with `lora_changes`
+    merged) with the prompt encodings of `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
     `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
     (B, 4, H/8, W/8)."""
     dtype, vae = dtypes
@@ -226,7 +236,7 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     steps = settings.hires_steps or settings.steps
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
-    with on_device(models["diffusion"], device, idle_device) as unet:
+    with unet_on_device(models["diffusion"], device, idle_device, lora_changes) as unet:
         predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
@@ -348,6 +358,14 @@ class on_device:
             self.model.to(self.idle_device)
         release_mapped(self.model)
         release_memory()
+
+
+@contextmanager
+def unet_on_device(unet: torch.nn.Module, device, idle_device, lora_changes: dict):
+    """The U-Net on `device` for a sampling pass, with the LoRAs' changes merged (on the device, and taken out
+    before it leaves)."""
+    with on_device(unet, device, idle_device) as placed, merged(lora_changes):
+        yield placed
 
 
 def release_memory() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .embeddings import infotext_name
+from .lora import prompt_text, split_tags
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
 from .model_loader import LATENT_FACTOR
@@ -62,6 +63,7 @@ class Settings:
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"
     model: str | None = None  # the checkpoint's file name without its extension
     ti_hashes: dict[str, str] = field(default_factory=dict)  # the embeddings the prompts used: name -> sha256[:12]
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # the LoRAs the prompt's tags used: name -> A1111's hash
     # hires fix, text-to-image only (sd/hires.py): width x height is the first pass; the second redraws it upscaled
     hires_scale: float | None = None  # the hires size is int(side * scale); None and no hires width/height: no hires fix
     hires_width: int | None = None  # or a size: one side keeps the aspect ratio; both: upscaled to cover, cut at the center
@@ -95,8 +97,9 @@ class Settings:
             raise SDError(f"clip skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}: 1 reads the last layer, 2 the one before (some fine-tunes want it)")
         if self.emphasis not in EMPHASIS_MODES:
             raise SDError(f"unknown emphasis {self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+        split_tags(self.prompt)  # a tag that cannot be read is refused before anything loads
         if self.emphasis != "none":
-            for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            for name, text in (("prompt", prompt_text(self.prompt)), ("negative prompt", self.negative_prompt)):
                 try:
                     parse_prompt(text)  # a bad weight is refused before anything loads
                 except SDError as error:
@@ -155,6 +158,7 @@ class Settings:
             "Inpainted": "yes" if self.inpainted else None,
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
+            "Lora hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.lora_hashes.items()) or None,
             "TI hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.ti_hashes.items()) or None,
             # as A1111: only where the mode makes a difference to brackets
             "Emphasis": EMPHASIS_MODES[self.emphasis] if self.emphasis != "original" and has_brackets else None,
@@ -324,10 +328,10 @@ def hires_resize(name: str, value: str) -> dict:
     return {f"hires_{side}": pixels for side, pixels in sides.items() if pixels}
 
 
-def ti_hashes(name: str, value: str) -> dict:
+def named_hashes(name: str, value: str) -> dict[str, str]:
     """A1111's "name: hash, name: hash"; an entry without a colon is not one."""
     entries = (entry.rpartition(":") for entry in value.split(","))
-    return {"ti_hashes": {embedding.strip(): short.strip() for embedding, colon, short in entries if colon}}
+    return {item.strip(): short.strip() for item, colon, short in entries if colon}
 
 
 def emphasis_mode(name: str, value: str) -> str:
@@ -382,7 +386,8 @@ FIELD_READERS = {
     "Hires upscaler": hires_upscaler,
     "Clip skip": lambda name, value: {"clip_skip": whole_number(name, value)},
     "Emphasis": lambda name, value: {"emphasis": emphasis_mode(name, value)},
-    "TI hashes": ti_hashes,
+    "TI hashes": lambda name, value: {"ti_hashes": named_hashes(name, value)},
+    "Lora hashes": lambda name, value: {"lora_hashes": named_hashes(name, value)},
 }
 HIRES_SIZE_FIELDS = {"Hires upscale", "Hires scale", "Hires resize"}
 # the infotext fields each setting is read from (width and height: from Size, the two together)
