@@ -224,21 +224,21 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
-    for text in dict.fromkeys(settings.prompt for settings in batch):
-        prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
     vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
     check_writable(planned[0].path.parent, "--output" if output else "--outdir")
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
-    if random_seed:
-        click.echo(f"seed: {seed}", err=True)
     if image is not None and image.settings.model_hash is not None:
         warn_of_another_model(from_image, image.settings, checkpoint)
     if image is not None:
         warn_of_other_embeddings(from_image, image.settings, embeddings)
         warn_of_other_loras(from_image, image.settings, loras)
+    for text in dict.fromkeys(settings.prompt for settings in batch):
+        prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
+    if random_seed:
+        click.echo(f"seed: {seed}", err=True)
     saved = 0
     try:
         for path in render(jobs, dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, loras=loras), checkpoint, device, dtype):

@@ -49,6 +49,11 @@ NETWORK_TYPES = ("lora", "lyco")  # A1111's LoRA extra network and its alias
 # A1111's extra-network tag: <type:arguments>
 TAG = re.compile(r"<(\w+):([^>]+)>")
 FILE_FIX = "use an SD 1.5 LoRA or LyCORIS .safetensors"
+# kohya's names of layers that SD 1.5 does not have, and the model that has them
+OTHER_MODEL_NAMES = [
+    (r"^lora_te[12]_", "an SDXL LoRA (two text encoders)"),
+    (r"^lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_", "an SDXL LoRA (kohya names SDXL's U-Net layers so)"),
+]
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,10 @@ def read_lora(name: str, path: Path) -> LoraFile:
         modules[stem][part] = tensor
     if not modules:
         raise SDError(f"LoRA {path} holds no tensors; {FILE_FIX}")
+    for stem in modules:
+        for pattern, model in OTHER_MODEL_NAMES:
+            if re.search(pattern, stem):
+                raise SDError(f"LoRA {name}: {stem} is no layer of SD 1.5: it is {model}; {FILE_FIX}")
     return LoraFile(name, path, {stem: Module(stem, parts) for stem, parts in modules.items()}, metadata)
 
 

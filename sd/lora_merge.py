@@ -46,11 +46,7 @@ CLIP_RENAMES = [(r"^layers\.", "text_model.encoder.layers."), (r"\.attention\.",
 # a fused q/k/v projection -> its three layers' names ("{}" the letter)
 FUSED = {"clip": (r"\.in_proj$", ".{}_proj"), "diffusion": (r"\.in_proj$", ".to_{}")}
 BLOCK_KINDS = {ResidualBlock: "resnets", SpatialTransformer: "attentions", Downsample: "downsamplers", Upsample: "upsamplers"}
-# kohya's names of layers SD 1.5 does not have; and a model's width where SD 1.5's text is 768 wide
-OTHER_MODEL_NAMES = [
-    (r"^lora_te[12]_", "an SDXL LoRA (two text encoders)"),
-    (r"^lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_", "an SDXL LoRA (kohya names SDXL's U-Net layers so)"),
-]
+# a model's width where SD 1.5's text is 768 wide
 OTHER_TEXT_WIDTHS = {1024: "an SD 2.x LoRA", 1280: "an SDXL LoRA", 2048: "an SDXL LoRA"}
 TEXT_WIDTH = 768
 
@@ -61,6 +57,7 @@ class Site:
     Upsample), the rows of it (a part of a fused q/k/v weight), and the shape of that part."""
 
     model: str  # "clip" or "diffusion"
+    name: str  # diffusers' module name: down_blocks.0.attentions.0.proj_in
     layer: nn.Module
     rows: slice | None
     shape: torch.Size
@@ -88,7 +85,7 @@ def lora_sites(models: dict[str, nn.Module]) -> dict[str, Site]:
                 parts = [(name, None)]
             for part_name, rows in parts:
                 part_shape = shape if rows is None else torch.Size([rows.stop - rows.start, *shape[1:]])
-                sites[PREFIXES[model_name] + part_name.replace(".", "_")] = Site(model_name, layer, rows, part_shape)
+                sites[PREFIXES[model_name] + part_name.replace(".", "_")] = Site(model_name, part_name, layer, rows, part_shape)
     return sites
 
 
@@ -165,7 +162,7 @@ def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFi
         for name, module in lora.modules.items():
             site = sites.get(name)
             if site is None:
-                raise SDError(f"LoRA {lora.name}: {name} matches no layer of SD 1.5{other_model(name, module)}; {FILE_FIX}")
+                raise SDError(f"LoRA {lora.name}: {name} matches no layer of SD 1.5; {FILE_FIX}")
             if module.kind is None:
                 raise SDError(f"LoRA {lora.name}: module {name} holds {', '.join(sorted(module.tensors))}, a kind sd does not read "
                               f"(it reads LoRA, LoCon, LoHa, LoKr, DoRA and full modules); {FILE_FIX}")
@@ -175,14 +172,6 @@ def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFi
         if any(module.tensors.get("alpha") is not None and float(module.tensors["alpha"]) == 0 for module in lora.modules.values()):
             log.warning("LoRA %s has modules with alpha 0, which change nothing (as in AUTOMATIC1111)", lora.name)
     return changes
-
-
-def other_model(name: str, module: Module) -> str:
-    """", it is for SDXL" and the like, where the name or the width of the module's input tells."""
-    for pattern, description in OTHER_MODEL_NAMES:
-        if re.search(pattern, name):
-            return f": it is {description}"
-    return ""
 
 
 @contextmanager
