@@ -210,6 +210,17 @@ def test_diffusers_and_peft_names_read_as_kohya_names(demo, tmp_path):
         assert all(torch.equal(a, e) for a, e in zip(actual, expected)), name
 
 
+def test_a_lora_for_sd2_is_refused_by_its_width_and_the_weights_stay(demo, tmp_path):
+    """SD 2.x LoRAs have SD 1.5's module names (diffusers' U-Net and kohya's lora_te_ text encoder) but a 1024-wide
+    text: the shapes tell."""
+    save_file({f"{TEXT}.lora_down.weight": randn(4, 1024), f"{TEXT}.lora_up.weight": randn(256, 4),
+               f"{LINEAR}.lora_down.weight": randn(4, 64), f"{LINEAR}.lora_up.weight": randn(48, 4)}, tmp_path / "sd2.safetensors")
+    before = {name: value.clone() for name, value in demo["clip"].state_dict().items()}
+    with pytest.raises(SDError, match=f"LoRA module {TEXT} does not fit SD 1.5's layer of shape \\(256, 64\\): its input is 1024 wide, an SD 2.x LoRA"):
+        generate("a red circle <lora:sd2>", models=demo, loras=LoraLibrary(tmp_path), steps=1, seed=0, progress=False)
+    assert all(torch.equal(value, before[name]) for name, value in demo["clip"].state_dict().items())
+
+
 # Renders: the weights put back
 
 
