@@ -67,19 +67,22 @@ class LoraTag:
 
 
 def split_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """The prompt without its extra-network tags (as CLIP reads it) and the LoRAs they ask for, in order.
-    Other networks' tags (`<hypernet:...>`) are cut too, with a warning, as A1111 cuts them."""
+    """The prompt without its extra-network tags (as CLIP reads it; other networks' tags, `<hypernet:...>`, are cut
+    too, as A1111 cuts them) and the LoRAs they ask for, in order."""
     tags = []
 
     def cut(match: re.Match) -> str:
-        kind, arguments = match[1], match[2]
-        if kind not in NETWORK_TYPES:
-            log.warning("ignored <%s:%s> in the prompt: sd has no %s networks", kind, arguments, kind)
-            return ""
-        tags.append(read_tag(match[0], arguments.split(":")))
+        if match[1] in NETWORK_TYPES:
+            tags.append(read_tag(match[0], match[2].split(":")))
         return ""
 
     return TAG.sub(cut, prompt), tags
+
+
+def warn_of_other_networks(prompt: str) -> None:
+    for kind, arguments in TAG.findall(prompt):
+        if kind not in NETWORK_TYPES:
+            log.warning("ignored <%s:%s> in the prompt: sd has no %s networks", kind, arguments, kind)
 
 
 def prompt_text(prompt: str) -> str:

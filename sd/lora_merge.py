@@ -155,9 +155,9 @@ def weight_shape(layer: nn.Module) -> torch.Size:
 
 def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFile]]) -> dict[str, dict[nn.Module, list[Change]]]:
     """For each model ("clip", "diffusion"), the changes to make to each of its layers. A module that maps to no
-    layer of ours, or that sd cannot read, is an SDError naming it (and the model it is for, where that shows)."""
-    sites = lora_sites(models)
+    layer of ours, or that sd cannot read, is an SDError naming it."""
     changes: dict[str, dict[nn.Module, list[Change]]] = {"clip": defaultdict(list), "diffusion": defaultdict(list)}
+    sites = lora_sites(models) if loras else {}
     for tag, lora in loras:
         for name, module in lora.modules.items():
             site = sites.get(name)

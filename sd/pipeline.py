@@ -19,7 +19,7 @@ from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
-from .lora import LoraLibrary, prompt_loras
+from .lora import LoraLibrary, prompt_loras, warn_of_other_networks
 from .lora_merge import merged, plan_changes
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_loader import LATENT_FACTOR, image_size, load_models, release_mapped
@@ -101,6 +101,7 @@ def generate(
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
     lora_files = prompt_loras(settings.prompt, loras if loras is not None else LoraLibrary())
+    warn_of_other_networks(settings.prompt)
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)

@@ -56,10 +56,11 @@ def test_tags_are_cut_and_read_as_a1111_reads_them(prompt, text, tags):
     assert split_tags(prompt) == (text, tags)
 
 
-def test_other_networks_tags_are_cut_with_a_warning_and_bad_tags_refused(caplog):
+def test_other_networks_tags_are_cut_with_a_warning_and_bad_tags_refused(demo, caplog):
+    assert split_tags("a cat <hypernet:anime:1>") == ("a cat ", [])
     with caplog.at_level(logging.WARNING, logger="sd"):
-        assert split_tags("a cat <hypernet:anime:1>") == ("a cat ", [])
-    assert "sd has no hypernet networks" in caplog.text
+        generate("a red circle <hypernet:anime:1>", models=demo, steps=1, seed=0, progress=False)
+    assert caplog.text.count("ignored <hypernet:anime:1> in the prompt: sd has no hypernet networks") == 1
     for bad in ("<lora:film:strong>", "<lora:film:weight=1>"):
         with pytest.raises(SDError, match="write <lora:NAME:MULTIPLIER>|must be numbers"):
             Settings(f"a cat {bad}")
