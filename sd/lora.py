@@ -49,6 +49,12 @@ NETWORK_TYPES = ("lora", "lyco")  # A1111's LoRA extra network and its alias
 # A1111's extra-network tag: <type:arguments>
 TAG = re.compile(r"<(\w+):([^>]+)>")
 FILE_FIX = "use an SD 1.5 LoRA or LyCORIS .safetensors"
+# the tensors a module may hold: LoRA (kohya, LyCORIS LoCon, CP), LoHa, LoKr, full, and the scale and DoRA of any
+PARTS = {
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+    "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff", "diff_b",
+    "alpha", "scale", "dora_scale",
+}
 # kohya's names of layers that SD 1.5 does not have, and the model that has them
 OTHER_MODEL_NAMES = [
     (r"^lora_te[12]_", "an SDXL LoRA (two text encoders)"),
@@ -80,6 +86,7 @@ def split_tags(prompt: str) -> tuple[str, list[LoraTag]]:
 
 
 def warn_of_other_networks(prompt: str) -> None:
+    """One line for each tag of a network that is not a LoRA (A1111's hypernetworks, ...), which sd leaves out."""
     for kind, arguments in TAG.findall(prompt):
         if kind not in NETWORK_TYPES:
             log.warning("ignored <%s:%s> in the prompt: sd has no %s networks", kind, arguments, kind)
@@ -208,10 +215,7 @@ class Module:
             if w2.dim() == 4:  # (a, b) -> (a, b, 1, 1), so that the product is (a * out2, b * in2, kh, kw)
                 w1 = w1[:, :, None, None]
             return torch.kron(w1, w2)
-        if kind == "full":
-            return t["diff"]
-        raise SDError(f"LoRA module {self.name} holds {', '.join(sorted(self.tensors))}: a kind of module sd does not read "
-                      f"(it reads LoRA, LoCon, LoHa, LoKr, DoRA and full modules); {FILE_FIX}")
+        return t["diff"]  # a full module (read_lora refuses any other)
 
     def bias_change(self) -> torch.Tensor | None:
         """A full module's change to the bias (diff_b), fp32; None for the others."""
@@ -256,11 +260,21 @@ def read_lora(name: str, path: Path) -> LoraFile:
         modules[stem][part] = tensor
     if not modules:
         raise SDError(f"LoRA {path} holds no tensors; {FILE_FIX}")
-    for stem in modules:
-        for pattern, model in OTHER_MODEL_NAMES:
-            if re.search(pattern, stem):
-                raise SDError(f"LoRA {name}: {stem} is no layer of SD 1.5: it is {model}; {FILE_FIX}")
+    for stem, parts in modules.items():
+        check_module(name, Module(stem, parts))
     return LoraFile(name, path, {stem: Module(stem, parts) for stem, parts in modules.items()}, metadata)
+
+
+def check_module(name: str, module: Module) -> None:
+    """An SDError for a module of another model's layer, of a kind sd does not read, or with a tensor it would leave
+    unread."""
+    for pattern, model in OTHER_MODEL_NAMES:
+        if re.search(pattern, module.name):
+            raise SDError(f"LoRA {name}: {module.name} is no layer of SD 1.5: it is {model}; {FILE_FIX}")
+    unknown = sorted(set(module.tensors) - PARTS)
+    if module.kind is None or unknown:
+        raise SDError(f"LoRA {name}: module {module.name} holds {', '.join(unknown or sorted(module.tensors))}, which sd does not read "
+                      f"(it reads LoRA, LoCon, LoHa, LoKr, DoRA and full modules); {FILE_FIX}")
 
 
 def read_tensors(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:

@@ -155,7 +155,7 @@ def weight_shape(layer: nn.Module) -> torch.Size:
 
 def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFile]]) -> dict[str, dict[nn.Module, list[Change]]]:
     """For each model ("clip", "diffusion"), the changes to make to each of its layers. A module that maps to no
-    layer of ours, or that sd cannot read, is an SDError naming it."""
+    layer of ours is an SDError naming it."""
     changes: dict[str, dict[nn.Module, list[Change]]] = {"clip": defaultdict(list), "diffusion": defaultdict(list)}
     sites = lora_sites(models) if loras else {}
     for tag, lora in loras:
@@ -163,9 +163,6 @@ def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFi
             site = sites.get(name)
             if site is None:
                 raise SDError(f"LoRA {lora.name}: {name} matches no layer of SD 1.5; {FILE_FIX}")
-            if module.kind is None:
-                raise SDError(f"LoRA {lora.name}: module {name} holds {', '.join(sorted(module.tensors))}, a kind sd does not read "
-                              f"(it reads LoRA, LoCon, LoHa, LoKr, DoRA and full modules); {FILE_FIX}")
             multiplier = tag.te if site.model == "clip" else tag.unet
             if multiplier:
                 changes[site.model][site.layer].append(Change(site, module, multiplier, tag.dyn))

@@ -237,24 +237,35 @@ def demo_lora(sites: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dtype):
+def all_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight, plain: the parameters and the packed layers' tensors (sd/layers.py, pack_weights)."""
+    weights = dict(model.named_parameters())
+    for name, layer in model.named_modules():
+        packed = getattr(layer, "packed", None)
+        if packed is not None:
+            flat = [tensor for item in packed for tensor in (item if isinstance(item, list) else [item])]
+            weights.update((f"{name}.packed.{i}", tensor) for i, tensor in enumerate(flat))
+    return {name: tensor.to_dense() if tensor.is_mkldnn else tensor for name, tensor in weights.items()}
+
+
+@pytest.mark.parametrize("dtype, hires_scale", [(torch.float32, 1.5), (torch.bfloat16, None)])
+def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dtype, hires_scale):
     """On a CPU with bf16 instructions, the bf16 U-Net and decoder are packed for oneDNN (sd/layers.py): their
-    merged layers are packed again, and the packed originals put back."""
-    models = load_models(DEMO_CHECKPOINT, dtype=dtype)
+    merged layers are packed again, and the packed originals put back. Hires fix runs the U-Net twice (in fp32
+    only: new sizes cost a bf16 render seconds of oneDNN's set-up)."""
+    models, fresh = load_models(DEMO_CHECKPOINT, dtype=dtype), load_models(DEMO_CHECKPOINT, dtype=dtype)
     sites = lora_sites(models)
     save_file(demo_lora(sites, seed=1), tmp_path / "one.safetensors")
     save_file(demo_lora(sites, seed=2), tmp_path / "two.safetensors")
-    library = LoraLibrary(tmp_path)
-    options = dict(steps=2, seed=3, progress=False, loras=library, hires_scale=1.5)  # hires fix: a second U-Net pass
+    options = dict(steps=1, seed=3, progress=False, loras=LoraLibrary(tmp_path), hires_scale=hires_scale, hires_steps=1)
     with_loras = generate("a red circle <lora:one:0.8> <lora:two:0.5:1.2>", models=models, **options)[0]
+    for name in ("clip", "diffusion"):
+        ours, theirs = all_weights(models[name]), all_weights(fresh[name])
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
     after = generate("a red circle", models=models, **options)[0]
-    fresh = generate("a red circle", models=load_models(DEMO_CHECKPOINT, dtype=dtype), **options)[0]
-    assert np.array_equal(np.asarray(after), np.asarray(fresh))
-    assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(fresh, dtype=int)).max() > 10
-    state, fresh_state = (dict(m.named_parameters()) for m in (models["diffusion"], load_models(DEMO_CHECKPOINT, dtype=dtype)["diffusion"]))
-    assert all(torch.equal(value.to_dense() if value.is_mkldnn else value, fresh_state[name].to_dense() if fresh_state[name].is_mkldnn else fresh_state[name])
-               for name, value in state.items())
+    from_fresh = generate("a red circle", models=fresh, **options)[0]
+    assert np.array_equal(np.asarray(after), np.asarray(from_fresh))
+    assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(from_fresh, dtype=int)).max() > 10
 
 
 # Hashes and the infotext
@@ -355,3 +366,18 @@ def test_the_command_takes_lora_files_and_tags_and_reads_them_back(command_envir
     rendered = sd("generate", "--from", "a.png", "--lora-dir", "loras", "--checkpoint", "demo", "--output", "c.png")
     assert rendered.exit_code == 0, rendered.output
     assert f'Lora hashes: "ink: {read_lora("ink", Path("loras/ink.safetensors")).short_hash}, film: {film}"' in Image.open("c.png").text["parameters"]
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({f"{LINEAR}.lora_down.weight": randn(4, 64), f"{LINEAR}.lora_up.weight": randn(48, 4), f"{LINEAR}.lora_extra": randn(4)},
+     f"module {LINEAR} holds lora_extra, which sd does not read"),
+    ({f"{LINEAR}.weight": randn(48), f"{LINEAR}.on_input": torch.tensor(True)},  # IA3
+     f"module {LINEAR} holds on_input, weight, which sd does not read"),
+    ({"lora_unet_not_a_layer.lora_down.weight": randn(4, 64), "lora_unet_not_a_layer.lora_up.weight": randn(48, 4)},
+     "lora_unet_not_a_layer matches no layer of SD 1.5"),
+    ({"unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector": randn(48)}, "unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector is not a LoRA tensor's name"),
+])
+def test_a_tensor_sd_would_not_read_is_an_error_naming_it(demo, tmp_path, tensors, message):
+    save_file(tensors, tmp_path / "odd.safetensors")
+    with pytest.raises(SDError, match=message):
+        generate("a red circle <lora:odd>", models=demo, loras=LoraLibrary(tmp_path), steps=1, seed=0, progress=False)
