@@ -213,12 +213,11 @@ def merge(layer: nn.Module, changes: list[Change]) -> None:
         except RuntimeError:  # the factors' shapes do not multiply into this layer's weight
             raise SDError(f"LoRA module {module.name} does not fit SD 1.5's layer of shape {tuple(site.shape)}"
                           f"{other_width(module)}; {FILE_FIX}") from None
-        target = delta[site.rows] if site.rows is not None else delta
-        target += change.multiplier * update
+        (delta[site.rows] if site.rows is not None else delta).add_(update, alpha=change.multiplier)
         bias_update = module.bias_change()
         if bias_update is not None:
             bias_delta = torch.zeros(shape[0]) if bias_delta is None else bias_delta
-            (bias_delta[site.rows] if site.rows is not None else bias_delta).add_(change.multiplier * bias_update)
+            (bias_delta[site.rows] if site.rows is not None else bias_delta).add_(bias_update, alpha=change.multiplier)
     if isinstance(layer, GEGLU):
         merge_geglu(layer, delta, bias_delta)
     elif isinstance(layer, Upsample):

@@ -217,7 +217,8 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
 def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, lora_changes: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
     afresh from the same seed at the new size, and redrawn by image-to-image (the U-Net with `lora_changes`
-    merged) with the prompt encodings of `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
+    merged) with the prompt encodings of `contexts`, as the last hires_steps (or steps) of a schedule of
+    int(those steps / hires_strength).
     `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles. Returns the latents
     (B, 4, H/8, W/8)."""
     dtype, vae = dtypes
