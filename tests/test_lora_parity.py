@@ -1,9 +1,11 @@
 """LoRA merged as diffusers merges it: a random kohya LoRA/LoCon file over every layer a LoRA can change in SD 1.5
 (text encoder q/k/v/out_proj/fc1/fc2; U-Net attention q/k/v/out, feed-forward, proj_in/proj_out, the residual
 blocks' 3x3 convolutions, time-embedding projections and 1x1 shortcuts, the down- and upsamplers' convolutions,
-conv_in, conv_out and the time embedding), with alpha != rank and some modules without alpha, against
+conv_in, conv_out and the time embedding), with alpha != rank, against
 diffusers' `load_lora_weights` + `fuse_lora` (peft), one fuse per component so that the text encoder and the
 U-Net get their own multipliers, as A1111's <lora:NAME:TE:UNET> gives them. On the random full-size checkpoint.
+Every module has its alpha: diffusers gives a module without one the file's most common alpha, where kohya and
+A1111 take alpha = rank (scale 1); test_lora.py checks that case against the formula.
 
 Tolerances: the merged weights agree to 1e-6 relative (both add multiplier * alpha / rank * up @ down to the
 fp32 weight; the products round in another order); the render to 1/255 per pixel (see test_pipeline_parity).
@@ -28,16 +30,14 @@ TE, UNET = 0.6, 0.9
 
 def random_kohya_lora(sites: dict, seed: int = 0, rank: int = RANK) -> dict[str, torch.Tensor]:
     """A kohya LoRA/LoCon file's tensors over `sites`: 3x3 convolutions get a 3x3 down and a 1x1 up, as LoCon
-    writes them. Changes of about a quarter of the random weights' spread (0.02); the second feed-forward
-    layers and fc2 have no alpha (scale 1)."""
+    writes them. Changes of about a quarter of the random weights' spread (0.02)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, site in sites.items():
         out, inputs, *kernel = site.shape
         tensors[f"{name}.lora_down.weight"] = torch.randn(rank, inputs, *kernel, generator=generator) * 0.04
         tensors[f"{name}.lora_up.weight"] = torch.randn(out, rank, *[1] * len(kernel), generator=generator) * 0.04
-        if not name.endswith(("ff_net_2", "mlp_fc2")):
-            tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
+        tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
     return tensors
 
 
