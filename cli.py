@@ -23,6 +23,7 @@ from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.metadata import read_infotext_of
 from sd.model_loader import check_vae, image_size, read_controlnet
@@ -118,6 +119,13 @@ class Axis:
               help="A folder of textual-inversion embeddings (AUTOMATIC1111's .pt, kohya's .safetensors, diffusers' .bin or "
                    ".safetensors; subfolders too): a file's name without its extension is the word that stands for it in a "
                    "prompt. Default: data/embeddings/ where it exists.")
+@click.option("--lora-dir", type=click.Path(path_type=Path),
+              help="The folder of LoRA and LyCORIS files (kohya's, LyCORIS', diffusers' .safetensors, or .pt/.ckpt; subfolders "
+                   "too) that <lora:NAME:MULTIPLIER> in a prompt names, NAME being a file's name without its extension; "
+                   "<lora:NAME:TE:UNET> multiplies the text encoder's and the U-Net's changes apart. Default: data/lora/.")
+@click.option("--lora", "lora_files", multiple=True, metavar="FILE[:MULTIPLIER]",
+              help="A LoRA file to use with every prompt (as <lora:ITS-NAME:MULTIPLIER> added to the prompt, which the "
+                   "image's settings record); MULTIPLIER defaults to 1. Repeat for several.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An image to redraw (image-to-image); it is resized to --width x --height.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
@@ -200,10 +208,10 @@ class Axis:
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="With --ray: each worker's CPUs (on a CPU, its threads).")
 def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, steps, seed, sampler, karras, eta, clip_skip,
-                     emphasis, embeddings_folder, input_path, strength, mask_path, mask_blur, width, height, hires_scale, hires_width, hires_height,
-                     hires_upscaler, hires_steps, hires_strength, hires_sampler, control_nets, control_images, control_strength, control_start,
-                     control_end, control_preprocess, canny_low, canny_high, guess_mode, num_images, checkpoint, vae, device, vae_tiling, dtype,
-                     output, outdir, overwrite, grid, xy, ray_address, workers, gpus_per_worker, cpus_per_worker):
+                     emphasis, embeddings_folder, lora_dir, lora_files, input_path, strength, mask_path, mask_blur, width, height, hires_scale,
+                     hires_width, hires_height, hires_upscaler, hires_steps, hires_strength, hires_sampler, control_nets, control_images, control_strength,
+                     control_start, control_end, control_preprocess, canny_low, canny_high, guess_mode, num_images, checkpoint, vae, device, vae_tiling,
+                     dtype, output, outdir, overwrite, grid, xy, ray_address, workers, gpus_per_worker, cpus_per_worker):
     """Render images from a prompt (or a file of prompts), optionally starting from an input image, optionally
     repainting only the masked part of it.
 
@@ -223,6 +231,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     ray_options = dict(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     if ray_address is None and given(ray_options):
         raise click.UsageError(f"--{next(iter(given(ray_options))).replace('_', '-')} is an option of --ray: add --ray")
+    lora_paths, lora_tags = read_lora_options(lora_files)
+    prompts = [prompt + lora_tags for prompt in prompts]
     if output is not None and outdir is not None:
         raise click.UsageError("give --output FILE or --outdir DIR, not both")
     axes = [read_axis(text) for text in xy] if xy else None
@@ -236,6 +246,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     if vae is not None:
         check_vae(vae, checkpoint)
     embeddings = load_embeddings(embeddings_folder)
+    loras = LoraLibrary(lora_dir, lora_paths)
     input_image = open_image(input_path, "--input") if input_path is not None else None
     mask = open_image(mask_path, "--mask") if mask_path is not None else None
     control_pictures = [open_image(path, "--control-image") for path in control_images]
@@ -257,7 +268,10 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
-    inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures)
+    for text in dict.fromkeys(settings.prompt for settings in batch):
+        prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
+    inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures,
+                  loras=loras)
     if ray_address is None:
         rendered = render(jobs, inputs, checkpoint, vae, device, dtype)
     else:
@@ -270,6 +284,7 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     if image is not None:
         warn_of_other_embeddings(from_image, image.settings, embeddings)
         warn_of_another_vae(from_image, image.settings, vae)
+        warn_of_other_loras(from_image, image.settings, loras)
     saved = 0
     try:
         for path in rendered:
@@ -323,7 +338,7 @@ def describe(path: Path) -> dict:
 
 def render(jobs: list[Job], inputs: dict, checkpoint: Path, vae: Path | None, device, dtype: str):
     """Makes and saves each job's image with one model load, yielding each file once it is complete. `inputs`:
-    generate()'s input image, mask, VAE tiling, embeddings and control images."""
+    generate()'s input image, mask, VAE tiling, embeddings, LoRA files and control images."""
     models = load(checkpoint, vae, device, dtype)
     controlnets = load_controlnets(jobs[0].settings.controlnets, models, device)
     files, sampling = None, 0.0
@@ -439,7 +454,7 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
 
 
 def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
-    short_hash = file_hash(checkpoint, "checkpoint")
+    short_hash = model_hash.readable_short_hash(checkpoint, "checkpoint")
     if made.model_hash != short_hash:
         model = f" ({made.model})" if made.model else ""
         click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
@@ -467,9 +482,34 @@ def warn_of_another_vae(path: Path, made: Settings, vae: Path | None) -> None:
         click.echo(f"warning: {path} was made with the VAE {theirs}, not the checkpoint's own: give that file as --vae, "
                    f"or the image will differ", err=True)
         return
-    ours = file_hash(vae, "VAE file")
+    ours = model_hash.readable_short_hash(vae, "VAE file")
     if (made.vae_hash or made.vae) != (ours if made.vae_hash else vae.name):
         click.echo(f"warning: {path} was made with the VAE {theirs}, not {vae.name} ({ours}): the image will differ", err=True)
+
+
+def warn_of_other_loras(path: Path, made: Settings, loras: LoraLibrary) -> None:
+    """One line for each LoRA the image names in its Lora hashes that is missing here or differs."""
+    ours = {infotext_name(name): file for name, file in loras.items()}
+    for name, short_hash in made.lora_hashes.items():
+        if name not in ours:
+            click.echo(f"warning: {path} was made with the LoRA {name} ({short_hash}), which is not in {loras.folder}: "
+                       f"put it there, or give --lora-dir or --lora FILE", err=True)
+        elif (found := read_lora(name, ours[name]).short_hash) != short_hash:
+            click.echo(f"warning: {path} was made with the LoRA {name} {short_hash}, not the {found} here: the image will differ", err=True)
+
+
+def read_lora_options(options: tuple[str, ...]) -> tuple[list[Path], str]:
+    """The files of --lora FILE[:MULTIPLIER] and the tags that ask for them, " <lora:NAME:MULTIPLIER>" each."""
+    paths, tags = [], ""
+    for option in options:
+        file, colon, multiplier = option.rpartition(":")
+        try:
+            path, number = (Path(file), float(multiplier)) if colon else (Path(option), 1.0)
+        except ValueError:  # the colon is the path's own
+            path, number = Path(option), 1.0
+        paths.append(path)
+        tags += f" <lora:{path.stem}:{number:g}>"
+    return paths, tags
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/benchmark.py --only hires --dtypes bf16 --hires-sizes 512 1024     # sd's txt2img, hires fix
     .venv/bin/python benchmarks/benchmark.py --only prompts --dtypes bf16                            # long prompts' cost
     .venv/bin/python benchmarks/benchmark.py --only controlnet --dtypes bf16 --sizes 512              # one ControlNet's cost
+    .venv/bin/python benchmarks/benchmark.py --only lora                                             # LoRA merging's cost
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -29,7 +30,12 @@ prompt and a guided U-Net step at the largest of `--sizes` attending to 77 and t
 `--only controlnet` (not part of the default run) measures, in one process, a guided U-Net step (batch 2) at the
 largest of `--sizes` without and with one ControlNet (its residuals computed in the same step), in turn, and the
 ControlNet's load time and the memory it adds (a random full-size one, fp16 on disk, or `--controlnet FILE`).
-The decode, hires and prompts groups report CPU seconds (user + system, all threads) beside wall seconds, and
+`--only lora` (not part of the default run) measures, in one process per dtype, the merging of random kohya LoRA files
+of rank `--lora-rank` (128: 151 MB in fp16, as kohya saves them) over every attention and feed-forward layer of the
+U-Net and the text encoder (kohya's default targets): the time to apply (read the file, merge) and to remove 1 and
+3 of them, one guided U-Net step at the largest of `--sizes` with 3 merged against without, in turn, and the peak
+RSS of such a step (counted from after the load) with and without them.
+The decode, hires, prompts, controlnet and lora groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
 
 diffusers' `from_single_file` needs files from a model hub, so its models are built from the same
@@ -356,6 +362,82 @@ def worker_controlnet(checkpoint: Path, dtype: torch.dtype, size: int, repeat: i
     return {**loaded, **in_turns(calls, repeat)}
 
 
+def typical_lora(sites: dict, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A kohya LoRA's tensors in fp16 over kohya's default targets: the text encoder's attention and MLP layers,
+    the U-Net's transformer blocks (attention, feed-forward, proj_in/proj_out)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, site in sites.items():
+        if name.startswith("lora_te_") or "_attentions_" in name:
+            out, inputs, *kernel = site.shape
+            tensors[f"{name}.lora_down.weight"] = (torch.randn(rank, inputs, *kernel, generator=generator) * 0.01).half()
+            tensors[f"{name}.lora_up.weight"] = (torch.randn(out, rank, *kernel, generator=generator) * 0.01).half()
+            tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
+    return tensors
+
+
+def worker_lora(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, lora_rank: int, **_) -> dict:
+    """LoRA merging's cost (issue 20), in one process: applying (reading the files, merging into the text encoder
+    and the U-Net) and removing 1 and 3 LoRAs; a guided U-Net step with 3 merged and without, in turn; that step's
+    peak RSS above the loaded models with and without them."""
+    from contextlib import ExitStack
+
+    from safetensors.torch import save_file
+
+    from sd.lora import LoraLibrary, LoraTag, read_lora
+    from sd.lora_merge import lora_sites, merged, plan_changes
+
+    models = load_sd(checkpoint, dtype)
+    folder = Path(tempfile.mkdtemp())
+    for seed in range(3):
+        save_file(typical_lora(lora_sites(models), lora_rank, seed), folder / f"lora-{seed}.safetensors")
+    library = LoraLibrary(folder)
+    generator, compute = torch.Generator().manual_seed(0), compute_dtype(dtype, CPU)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, models["diffusion"].config.context_width, generator=generator).to(compute)
+
+    def apply(count: int, stack: ExitStack) -> None:
+        loras = [(LoraTag(name, 0.8, 0.8), read_lora(name, library[name])) for name in list(library)[:count]]
+        changes = plan_changes(models, loras)
+        stack.enter_context(merged(changes["clip"]))
+        stack.enter_context(merged(changes["diffusion"]))
+
+    results = {"lora_file_mb": (folder / "lora-0.safetensors").stat().st_size / 1e6}
+    for count in (1, 3):
+        applying, removing = [], []
+        for turn in range(repeat + 1):  # the first turn warms up: pages the files in
+            stack = ExitStack()
+            applied = clocked(lambda: apply(count, stack))
+            removed = clocked(stack.close)
+            if turn:
+                applying.append(applied)
+                removing.append(removed)
+        results.update(summaries(f"apply_{count}", applying))
+        results.update(summaries(f"remove_{count}", removing))
+    step = lambda: models["diffusion"](latents, context, 500)  # noqa: E731
+    plain, with_loras = [], []
+    for turn in range(repeat + 1):
+        timing = clocked(step)
+        with ExitStack() as stack:
+            apply(3, stack)
+            merged_timing = clocked(step)
+        if turn:
+            plain.append(timing)
+            with_loras.append(merged_timing)
+    results.update(summaries("unet_step", plain))
+    results.update(summaries("unet_step_3_loras", with_loras))
+    results["rss_after_load_gib"] = current_rss_gib()
+    reset_peak_rss()
+    step()
+    results["peak_rss_step_gib"] = peak_rss_gib()
+    reset_peak_rss()
+    with ExitStack() as stack:
+        apply(3, stack)
+        step()
+        results["peak_rss_step_3_loras_gib"] = peak_rss_gib()
+    return results
+
+
 def in_turns(calls: dict, repeat: int) -> dict:
     """The wall and CPU seconds of each of `calls`, one call of each per turn over `repeat` turns after a warm-up
     turn, so that a slow spell of the machine falls on all of them alike."""
@@ -369,7 +451,8 @@ def in_turns(calls: dict, repeat: int) -> dict:
 
 
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
-           "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts, "controlnet": worker_controlnet}
+           "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts, "controlnet": worker_controlnet,
+           "lora": worker_lora}
 
 
 def run_worker(spec: dict) -> dict:
@@ -418,6 +501,9 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
         if "controlnet" in args.only:
             specs.append(dict(group="controlnet", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, checkpoint=str(files[".safetensors"]),
                               controlnet=str(args.controlnet)))
+        if "lora" in args.only:
+            specs.append(dict(group="lora", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, lora_rank=args.lora_rank,
+                              checkpoint=str(files[".safetensors"])))
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
@@ -513,6 +599,8 @@ def label(result: dict) -> str:
         return f"{dtype} prompts, U-Net at {result['size']}x{result['size']}"
     if group == "controlnet":
         return f"{dtype} one ControlNet, U-Net at {result['size']}x{result['size']}"
+    if group == "lora":
+        return f"{dtype} LoRA rank {result['lora_rank']}, U-Net at {result['size']}x{result['size']}"
     return f"{dtype} txt2img {result['size']}x{result['size']} {result['steps']} steps"
 
 
@@ -578,9 +666,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet"],
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet", "lora"],
                         help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost), "
-                             "controlnet (a U-Net step with and without one ControlNet)")
+                             "controlnet (a U-Net step with and without one ControlNet), lora (LoRA merging's cost)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
@@ -592,6 +680,7 @@ def main() -> None:
     parser.add_argument("--hires-first-steps", type=int, default=2, help="--only hires: the first pass's steps (default 2)")
     parser.add_argument("--hires-steps", type=int, default=1, help="--only hires: the hires pass's steps (default 1)")
     parser.add_argument("--tiled-from", type=int, default=2048, help="--only hires: the smallest side decoded in tiles (default 2048)")
+    parser.add_argument("--lora-rank", type=int, default=128, help="--only lora: the LoRA files' rank (default 128: 151 MB in fp16)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--controlnet", type=Path, help="--only controlnet: an existing ControlNet file instead of a new random one")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")

@@ -5,10 +5,11 @@ from .cluster import BatchFailed, render_batch
 from .control import ControlNetUnit
 from .embeddings import load_embeddings
 from .errors import SDError
+from .lora import LoraLibrary
 from .model_loader import load_controlnet, load_models, swap_vae
 from .pipeline import generate
 from .prompts import encode_prompt, parse_prompt, prompt_chunks
 from .settings import Settings
 
-__all__ = ["BatchFailed", "ControlNetUnit", "Job", "SDError", "Settings", "generate", "render_batch", "encode_prompt", "load_controlnet",
-           "load_embeddings", "load_models", "parse_prompt", "prompt_chunks", "swap_vae"]
+__all__ = ["BatchFailed", "ControlNetUnit", "Job", "LoraLibrary", "SDError", "Settings", "generate", "render_batch", "encode_prompt",
+           "load_controlnet", "load_embeddings", "load_models", "parse_prompt", "prompt_chunks", "swap_vae"]

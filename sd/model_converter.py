@@ -118,8 +118,9 @@ def read_checkpoint(path: str | Path, hint: str = SD15_HINT) -> dict[str, torch.
     return _read_pickle(path, hint)
 
 
-# safetensors dtype names -> torch
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+# safetensors dtype names -> torch (the small integer and bool types for LoRA files: LyCORIS IA3 stores a bool)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class MappedCheckpoint(dict):

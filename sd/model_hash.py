@@ -1,5 +1,5 @@
-"""The sha256 of a checkpoint or a VAE file (the "Model hash" and "VAE hash" of image metadata), cached so that
-each file is read once.
+"""The sha256 of a checkpoint or a VAE file (the "Model hash" and "VAE hash" of image metadata) or of a LoRA
+file's tensors ("Lora hashes"), cached so that each file is read once.
 
 The cache is a small JSON file, `model_hashes.json` in $SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or
 ~/.cache/sd, keyed by the file's resolved path; an entry counts only while the file's size and
@@ -27,23 +27,34 @@ def cache_file() -> Path:
     return Path(cache_home) / "sd" / CACHE_NAME
 
 
-def cached_sha256(path: str | Path) -> str | None:
-    """The cached hash of `path`, or None if it has not been hashed since it last changed."""
+def cached_sha256(path: str | Path, kind: str = "sha256") -> str | None:
+    """The cached hash of `path` (`kind`: "sha256" of the whole file, or "tensor_sha256"), or None if it has not
+    been hashed since it last changed."""
     key, size, mtime_ns = _identity(path)
     entry = _read_cache().get(key)
     if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
-        return entry.get("sha256")
+        return entry.get(kind)
     return None
 
 
 def sha256(path: str | Path) -> str:
     """The sha256 of a file as 64 hex digits, from the cache if the file has not changed since."""
-    cached = cached_sha256(path)
+    return _cached_hash(path, "sha256", start=lambda file: 0)
+
+
+def tensor_sha256(path: str | Path) -> str:
+    """The sha256 of a .safetensors file's data after its header (A1111's hash of LoRA files, which editing the
+    metadata does not change), from the cache if the file has not changed since."""
+    return _cached_hash(path, "tensor_sha256", start=lambda file: 8 + int.from_bytes(file.read(8), "little"))
+
+
+def _cached_hash(path: str | Path, kind: str, start) -> str:
+    cached = cached_sha256(path, kind)
     if cached:
         return cached
     key, size, mtime_ns = _identity(path)
-    digest = _hash_file(Path(key))
-    _store(key, {"size": size, "mtime_ns": mtime_ns, "sha256": digest})
+    digest = _hash_file(Path(key), start)
+    _store(key, {"size": size, "mtime_ns": mtime_ns}, kind, digest)
     return digest
 
 
@@ -75,10 +86,12 @@ def _identity(path: str | Path) -> tuple[str, int, int]:
     return str(resolved), stat.st_size, stat.st_mtime_ns
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: Path, start) -> str:
+    """The sha256 of the file from the offset `start(file)` gives."""
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(CHUNK_BYTES))
     with open(path, "rb", buffering=0) as file:
+        file.seek(start(file))
         while size := file.readinto(buffer):
             digest.update(buffer[:size])
     return digest.hexdigest()
@@ -92,11 +105,14 @@ def _read_cache() -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _store(key: str, entry: dict) -> None:
-    """Adds one entry, re-reading the cache first so as to keep entries that another process wrote meanwhile."""
+def _store(key: str, identity: dict, kind: str, digest: str) -> None:
+    """Adds one hash of a file, re-reading the cache first so as to keep entries that another process wrote
+    meanwhile, and the file's other hash where it is of the same version of the file."""
     path = cache_file()
     entries = _read_cache()
-    entries[key] = entry
+    entry = entries.get(key, {})
+    kept = entry if all(entry.get(name) == value for name, value in identity.items()) else {}
+    entries[key] = {**kept, **identity, kind: digest}
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
 from .layers import release_scratch, trim_heap
+from .lora import LoraLibrary, prompt_loras, warn_of_other_networks
+from .lora_merge import merged, plan_changes
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
 from .model_hash import old_hash
 from .model_loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
@@ -70,6 +72,7 @@ def generate(
     vae: str | Path | None = None,
     control_images: Sequence[Image.Image | str | Path] = (),
     controlnet_models: Sequence[ControlNet] | None = None,
+    loras: LoraLibrary | None = None,
     **settings,
 ) -> list[Image.Image]:
     """Renders `num_images` images with the given Settings, or of a prompt with Settings' fields given by name
@@ -96,6 +99,9 @@ def generate(
     `control_images`: one for each of the Settings' `controlnets` (sd/control.py), in their order; each is resized
     to the output size and preprocessed as its unit says. The ControlNets are loaded from their units' files, or
     given loaded in `controlnet_models` (sd/model_loader.py, load_controlnet), in the same order.
+    `loras` (sd/lora.py): the LoRA files that the prompt's `<lora:NAME:MULTIPLIER>` tags name, by name; None: those
+    of data/lora/. Their changes are merged into the weights for this render only (sd/lora_merge.py); those used
+    are recorded in the Settings' `lora_hashes`.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
     if num_images < 1:
@@ -110,6 +116,8 @@ def generate(
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
     control_sources = check_control(settings, control_images, controlnet_models)
+    lora_files = prompt_loras(settings.prompt, loras if loras is not None else LoraLibrary())
+    warn_of_other_networks(settings.prompt)
     if models is None and (settings.width is None or settings.height is None):
         checkpoint = find_checkpoint(checkpoint)  # its header gives the size
     width, height = image_dimensions(settings.width, settings.height, models, checkpoint)
@@ -126,6 +134,7 @@ def generate(
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
     dtype, vae_type = compute_dtype(stored, device), vae_dtype(stored, device)
+    lora_changes = plan_changes(models, lora_files)  # every module checked before anything runs
     inpainting_model = is_inpainting_model(models["diffusion"])
     controlnets = controlnet_models
     if settings.controlnets and controlnets is None:
@@ -157,7 +166,7 @@ def generate(
     with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
-        with on_device(models["clip"], device, idle_device):
+        with on_device(models["clip"], device, idle_device), merged(lora_changes["clip"]):
             # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
             contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
 
@@ -171,13 +180,13 @@ def generate(
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         calls = total_steps(settings.sampler, settings.steps)
-        with on_device(models["diffusion"], device, idle_device) as unet, control.guiding(width, height, calls) as guides:
+        with unet_on_device(models["diffusion"], device, idle_device, lora_changes["diffusion"]) as unet, control.guiding(width, height, calls) as guides:
             predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
             start_latents = None if pure_noise_start else image_latents
             x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                        karras=settings.karras, eta=settings.eta, known=known)
         if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
+            x = hires_pass(x, settings, hires, seed, models, lora_changes["diffusion"], contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -190,7 +199,8 @@ def generate(
     made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
                    inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
                    ti_hashes={name: embedding.short_hash for name, embedding in used.items()},
-                   controlnets=tuple(recorded_unit(unit) for unit in settings.controlnets))
+                   controlnets=tuple(recorded_unit(unit) for unit in settings.controlnets),
+                   lora_hashes={tag.name: lora.short_hash for tag, lora in lora_files})
     for output in images:
         output.info["sd"] = made
     return images
@@ -233,11 +243,12 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device, dtypes: tuple, progress: bool, tiled: bool,
-               control: "RenderControl | None" = None) -> torch.Tensor:
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, lora_changes: dict, contexts: ContextSchedule, device, idle_device,
+               dtypes: tuple, progress: bool, tiled: bool, control: "RenderControl | None" = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
-    afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
-    `contexts`, as the last hires_steps (or steps) of a schedule of int(those steps / hires_strength).
+    afresh from the same seed at the new size, and redrawn by image-to-image (the U-Net with `lora_changes`
+    merged) with the prompt encodings of `contexts`, as the last hires_steps (or steps) of a schedule of
+    int(those steps / hires_strength).
     `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles; `control`: the
     render's ControlNets, which guide this pass too, their control images resized to its size. Returns the latents
     (B, 4, H/8, W/8)."""
@@ -259,7 +270,7 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
     guiding = control.guiding(target.width, target.height, total_steps(sampler, steps)) if control is not None else nullcontext()
-    with on_device(models["diffusion"], device, idle_device) as unet, guiding as guides:
+    with unet_on_device(models["diffusion"], device, idle_device, lora_changes) as unet, guiding as guides:
         predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype, guides)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
@@ -446,6 +457,14 @@ class on_device:
             self.model.to(self.idle_device)
         release_mapped(self.model)
         release_memory()
+
+
+@contextmanager
+def unet_on_device(unet: torch.nn.Module, device, idle_device, lora_changes: dict):
+    """The U-Net on `device` for a sampling pass, with the LoRAs' changes merged (on the device, and taken out
+    before it leaves)."""
+    with on_device(unet, device, idle_device) as placed, merged(lora_changes):
+        yield placed
 
 
 def release_memory() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from .embeddings import Embedding, Triggers
 from .errors import SDError
+from .lora import prompt_text
 from .prompt_schedule import Timeline, prompt_schedule
 from .tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 
@@ -267,7 +268,8 @@ def guidance_contexts(models: dict, settings: "Settings", num_images: int, guide
     prompt read at each of its steps (sd/prompt_schedule.py); each distinct text is encoded once, now, while
     the text encoder is loaded, with the `embeddings` it names. And the embeddings placed, by name, in the order
     met: the negative prompt's first (A1111's "TI hashes" name them)."""
-    texts = [settings.negative_prompt] * guided + [settings.prompt]
+    # the prompt's LoRA tags cut, as A1111 cuts them from the prompt alone (sd/lora.py)
+    texts = [settings.negative_prompt] * guided + [prompt_text(settings.prompt)]
     encodings: dict[str, torch.Tensor] = {}
     used: dict[str, Embedding] = {}
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .control import FIELD_NAME as CONTROLNET_FIELD, ControlNetUnit, read_unit
 from .embeddings import infotext_name
+from .lora import prompt_text, split_tags
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
 from .model_loader import LATENT_FACTOR
@@ -65,6 +66,7 @@ class Settings:
     vae_hash: str | None = None  # sha256(VAE file)[:10], A1111's "VAE hash", where a VAE file replaced the checkpoint's
     vae: str | None = None  # the VAE file's name with its extension, as A1111 writes it
     ti_hashes: dict[str, str] = field(default_factory=dict)  # the embeddings the prompts used: name -> sha256[:12]
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # the LoRAs the prompt's tags used: name -> A1111's hash
     # hires fix, text-to-image only (sd/hires.py): width x height is the first pass; the second redraws it upscaled
     hires_scale: float | None = None  # the hires size is int(side * scale); None and no hires width/height: no hires fix
     hires_width: int | None = None  # or a size: one side keeps the aspect ratio; both: upscaled to cover, cut at the center
@@ -100,8 +102,9 @@ class Settings:
             raise SDError(f"clip skip must be between 1 and {MAX_CLIP_SKIP}, got {self.clip_skip}: 1 reads the last layer, 2 the one before (some fine-tunes want it)")
         if self.emphasis not in EMPHASIS_MODES:
             raise SDError(f"unknown emphasis {self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+        split_tags(self.prompt)  # a tag that cannot be read is refused before anything loads
         if self.emphasis != "none":
-            for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            for name, text in (("prompt", prompt_text(self.prompt)), ("negative prompt", self.negative_prompt)):
                 try:
                     parse_prompt(text)  # a bad weight is refused before anything loads
                 except SDError as error:
@@ -162,6 +165,7 @@ class Settings:
             "Inpainted": "yes" if self.inpainted else None,
             **self.hires_fields(),
             "Eta DDIM": number(self.eta) if self.eta else None,
+            "Lora hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.lora_hashes.items()) or None,
             "TI hashes": ", ".join(f"{infotext_name(name)}: {short}" for name, short in self.ti_hashes.items()) or None,
             **{f"ControlNet {index}": unit.infotext_value() for index, unit in enumerate(self.controlnets)},
             # as A1111: only where the mode makes a difference to brackets
@@ -336,10 +340,10 @@ def hires_resize(name: str, value: str) -> dict:
     return {f"hires_{side}": pixels for side, pixels in sides.items() if pixels}
 
 
-def ti_hashes(name: str, value: str) -> dict:
+def named_hashes(name: str, value: str) -> dict[str, str]:
     """A1111's "name: hash, name: hash"; an entry without a colon is not one."""
     entries = (entry.rpartition(":") for entry in value.split(","))
-    return {"ti_hashes": {embedding.strip(): short.strip() for embedding, colon, short in entries if colon}}
+    return {item.strip(): short.strip() for item, colon, short in entries if colon}
 
 
 def emphasis_mode(name: str, value: str) -> str:
@@ -396,7 +400,8 @@ FIELD_READERS = {
     "Hires upscaler": hires_upscaler,
     "Clip skip": lambda name, value: {"clip_skip": whole_number(name, value)},
     "Emphasis": lambda name, value: {"emphasis": emphasis_mode(name, value)},
-    "TI hashes": ti_hashes,
+    "TI hashes": lambda name, value: {"ti_hashes": named_hashes(name, value)},
+    "Lora hashes": lambda name, value: {"lora_hashes": named_hashes(name, value)},
 }
 HIRES_SIZE_FIELDS = {"Hires upscale", "Hires scale", "Hires resize"}
 # the infotext fields each setting is read from (width and height: from Size, the two together)

@@ -79,10 +79,10 @@ def timed(result: dict, figure: str, runs: int) -> bool:
 
 
 def test_benchmark_measures_sds_own_groups_on_the_demo_model(tmp_path):
-    """decode, hires and prompts measure sd alone, so the demo model's small weights do for their code paths."""
+    """decode, hires, prompts and lora measure sd alone, so the demo model's small weights do for their code paths."""
     report, printed = run_benchmark(
-        tmp_path / "results.json", "--checkpoints", DEMO_CHECKPOINT, "--only", "decode", "hires", "prompts", "--dtypes", "fp32",
-        "--repeat", 1, "--sizes", 64, "--decode-sizes", 64, "--decode-tile", 8,
+        tmp_path / "results.json", "--checkpoints", DEMO_CHECKPOINT, "--only", "decode", "hires", "prompts", "lora", "--dtypes", "fp32",
+        "--repeat", 1, "--sizes", 64, "--decode-sizes", 64, "--decode-tile", 8, "--lora-rank", 4,
         "--hires-base", 64, "--hires-sizes", 64, 128, "--tiled-from", 128, "--hires-first-steps", 2, "--hires-steps", 1)
     results = report["results"]
     assert all(len(r["loadavg_before"]) == len(r["loadavg_after"]) == 3 for r in results)
@@ -103,3 +103,9 @@ def test_benchmark_measures_sds_own_groups_on_the_demo_model(tmp_path):
     for figure in ("encode_1_chunks", "encode_3_chunks", "unet_step_77_tokens", "unet_step_231_tokens"):
         assert timed(prompts, figure, 1)
     assert "fp32 txt2img 128x128, hires fix: 2 steps at 64, 1 at 128, tiled decode" in printed
+
+    lora = next(r for r in results if r["group"] == "lora")
+    for figure in ("apply_1", "remove_1", "apply_3", "remove_3", "unet_step", "unet_step_3_loras"):
+        assert timed(lora, figure, 1)
+    assert lora["lora_file_mb"] > 0 and lora["peak_rss_step_3_loras_gib"] >= lora["rss_after_load_gib"] > 0
+    assert "fp32 LoRA rank 4, U-Net at 64x64" in printed

@@ -198,7 +198,7 @@ def test_generate_writes_a_png_with_its_settings(safetensors_checkpoint, checkpo
     assert str(safetensors_checkpoint.resolve()) in (cache_dir / "model_hashes.json").read_text()
 
     # The same seed again gives the same pixels, and the hash now comes from the cache.
-    monkeypatch.setattr(model_hash, "_hash_file", lambda path: pytest.fail("the checkpoint was hashed again"))
+    monkeypatch.setattr(model_hash, "_hash_file", lambda path, start: pytest.fail("the checkpoint was hashed again"))
     assert sd(*args, "--output", "again.png").exit_code == 0
     assert np.array_equal(pixels(Path("again.png")), pixels(Path("cat.png")))
     assert read_parameters(Path("again.png"))["Model hash"] == checkpoint_sha256[:10]
@@ -329,7 +329,7 @@ def test_model_hash_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     assert str(path.resolve()) in (tmp_path / "cache" / "model_hashes.json").read_text()
 
     hashed = []
-    monkeypatch.setattr(model_hash, "_hash_file", lambda p: hashed.append(p) or "f" * 64)
+    monkeypatch.setattr(model_hash, "_hash_file", lambda p, start: hashed.append(p) or "f" * 64)
     assert model_hash.sha256(path) == hashlib.sha256(content).hexdigest()
     assert hashed == []  # read from the cache
 

@@ -63,11 +63,11 @@ def test_info_prints_the_settings_text_and_json_for_scripts():
         "prompt": "a red circle on the left,\nsmall", "negative_prompt": "blurry, text: watermark", "steps": 3,
         "sampler": "dpmpp_2m", "karras": True, "cfg_scale": 6.5, "seed": 77, "width": 64, "height": 64, "strength": None,
         "eta": 0.0, "mask_blur": None, "clip_skip": 2, "emphasis": "original", "inpainted": False,
-        "model_hash": "0123456789", "model": "someone-elses", "ti_hashes": {},
+        "model_hash": "0123456789", "model": "someone-elses", "ti_hashes": {}, "lora_hashes": {"detail": "7c6bad76eb54"},
         "hires_scale": None, "hires_width": None, "hires_height": None, "hires_upscaler": "latent", "hires_steps": 0,
         "hires_strength": 0.7, "hires_sampler": None, "hires_karras": False,
     }
-    assert described["ignored"] == ["Lora hashes"]
+    assert described["ignored"] == []
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".webp"])
@@ -143,14 +143,14 @@ def test_generate_from_our_own_image_gives_the_same_pixels(caplog):
     assert (settings.seed, settings.steps, settings.negative_prompt) == (9, 3, "red, green: 2")
 
 
-def test_generate_from_an_a1111_image_warns_of_the_model_and_of_what_it_ignores():
+def test_generate_from_an_a1111_image_warns_of_the_model_and_of_the_lora_it_lacks():
     png_with("a1111.png", parameters=A1111)
     result = sd("generate", "--from", "a1111.png", "--checkpoint", "demo", "--output", "out.png")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, result.stderr
-    assert warnings[0] == "warning: ignored from a1111.png: Lora hashes (sd has no such settings)"
-    assert warnings[1].startswith("warning: a1111.png was made with model hash 0123456789 (someone-elses), not this checkpoint's")
+    assert warnings[0].startswith("warning: a1111.png was made with model hash 0123456789 (someone-elses), not this checkpoint's")
+    assert warnings[1].startswith("warning: a1111.png was made with the LoRA detail (7c6bad76eb54), which is not in ")
     written = Settings.from_infotext(Image.open("out.png").text["parameters"])
     assert written == Settings("a red circle on the left,\nsmall", "blurry, text: watermark", steps=3, sampler="dpmpp_2m", karras=True,
                                cfg_scale=6.5, seed=77, width=64, height=64, model_hash=written.model_hash, model="sd-demo",

@@ -51,7 +51,7 @@ A1111_1_10 = (
     "window light\n"
     "Negative prompt: lowres, bad anatomy, text: watermark, (worst quality:1.4)\n"
     "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3141592653, Size: 512x768, "
-    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, ENSD: 31337, "
     'Lora hashes: "add_detail: 7c6bad76eb54, film: 1c2d3e4f5a6b", Version: v1.10.1'
 )
 
@@ -62,9 +62,9 @@ def test_an_a1111_infotext_gives_its_settings_and_names_what_sd_ignores():
         "masterpiece, best quality, (a cat:1.2) sitting on a mat,\nwindow light",
         "lowres, bad anatomy, text: watermark, (worst quality:1.4)", steps=30, sampler="dpmpp_2m", karras=True,
         cfg_scale=6.5, seed=3141592653, width=512, height=768, model_hash="6ce0161689", model="v1-5-pruned-emaonly",
-        clip_skip=2,
+        clip_skip=2, lora_hashes={"add_detail": "7c6bad76eb54", "film": "1c2d3e4f5a6b"},
     )
-    assert infotext.ignored == ["Lora hashes"]  # Version is about the program, not the image
+    assert infotext.ignored == ["ENSD"]  # Version is about the program, not the image
     assert infotext.fields["Lora hashes"] == "add_detail: 7c6bad76eb54, film: 1c2d3e4f5a6b"
 
 

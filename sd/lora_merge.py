@@ -1,0 +1,283 @@
+"""LoRA modules merged into our layers' weights for a render, and the weights put back after it.
+
+Which layer a module changes is found by rules, not a table: each of our weight layers gets diffusers' module name
+(kohya names modules so, with "." as "_", for SD 1.5 whatever the checkpoint's layout), from where it sits in the
+U-Net (stage n of `input_blocks` is level n // 3 of diffusers' `down_blocks`, ...) and a few renames of our layers
+(`time_proj` is diffusers' `time_emb_proj`, ...). Our fused q/k/v projections are three layers to a LoRA: rows of
+one weight.
+
+Merging: W + sum of multiplier * scale * dW over the modules that change W, in fp32, cast to W's dtype and laid
+out (packed for oneDNN, channels_last) as W was. The layer's original weight object is kept aside and put back
+afterwards, so that a later render without the LoRA uses exactly the weights of a fresh load; only the changed
+layers are ever copied. The U-Net's packed feed-forward and upsampling layers (sd/diffusion.py GEGLU.pack,
+sd/layers.py Upsample.pack) are changed in their packed forms: halves, and folded kernels (folding is linear).
+"""
+
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .diffusion import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
+from .errors import SDError
+from .layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap, unfold_taps
+from .lora import FILE_FIX, LoraFile, LoraTag, Module
+
+log = logging.getLogger("sd")
+
+PREFIXES = {"clip": "lora_te_", "diffusion": "lora_unet_"}
+# our layer names within a U-Net block -> diffusers'
+UNET_RENAMES = [
+    (r"^time_proj$", "time_emb_proj"),
+    (r"^shortcut$", "conv_shortcut"),
+    (r"\.self_attention\.", ".attn1."),
+    (r"\.cross_attention\.", ".attn2."),
+    (r"\.([qkv])_proj$", r".to_\1"),
+    (r"\.out_proj$", ".to_out.0"),
+    (r"\.feed_forward(\.proj_in)?$", ".ff.net.0.proj"),  # the packed GEGLU, or its proj_in
+    (r"\.feed_forward\.proj_out$", ".ff.net.2"),
+]
+CLIP_RENAMES = [(r"^layers\.", "text_model.encoder.layers."), (r"\.attention\.", ".self_attn."), (r"\.fc([12])$", r".mlp.fc\1")]
+# a fused q/k/v projection -> its three layers' names ("{}" the letter)
+FUSED = {"clip": (r"\.in_proj$", ".{}_proj"), "diffusion": (r"\.in_proj$", ".to_{}")}
+BLOCK_KINDS = {ResidualBlock: "resnets", SpatialTransformer: "attentions", Downsample: "downsamplers", Upsample: "upsamplers"}
+# a model's width where SD 1.5's text is 768 wide
+OTHER_TEXT_WIDTHS = {1024: "an SD 2.x LoRA", 1280: "an SDXL LoRA", 2048: "an SDXL LoRA"}
+TEXT_WIDTH = 768
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """Where a LoRA module's change goes: the layer holding the weight (a Linear or Conv2d, or a packed GEGLU or
+    Upsample), the rows of it (a part of a fused q/k/v weight), and the shape of that part."""
+
+    model: str  # "clip" or "diffusion"
+    name: str  # diffusers' module name: down_blocks.0.attentions.0.proj_in
+    layer: nn.Module
+    rows: slice | None
+    shape: torch.Size
+
+
+@dataclass(frozen=True)
+class Change:
+    site: Site
+    module: Module
+    multiplier: float
+    dyn: int | None
+
+
+def lora_sites(models: dict[str, nn.Module]) -> dict[str, Site]:
+    """Every layer a LoRA can change, by kohya's name of it."""
+    sites = {}
+    for model_name, named in (("clip", clip_layers(models["clip"])), ("diffusion", unet_layers(models["diffusion"]))):
+        for name, layer in named:
+            shape = weight_shape(layer)
+            pattern, template = FUSED[model_name]
+            if re.search(pattern, name) and shape[0] % 3 == 0:
+                third = shape[0] // 3
+                parts = [(re.sub(pattern, template.format(letter), name), slice(i * third, (i + 1) * third)) for i, letter in enumerate("qkv")]
+            else:
+                parts = [(name, None)]
+            for part_name, rows in parts:
+                part_shape = shape if rows is None else torch.Size([rows.stop - rows.start, *shape[1:]])
+                sites[PREFIXES[model_name] + part_name.replace(".", "_")] = Site(model_name, part_name, layer, rows, part_shape)
+    return sites
+
+
+def clip_layers(clip: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, layer in weight_layers(clip):
+        yield renamed(name, CLIP_RENAMES), layer
+
+
+def unet_layers(unet: UNet) -> Iterator[tuple[str, nn.Module]]:
+    """The U-Net's weight layers under diffusers' names."""
+    for block_name, block in unet_blocks(unet):
+        for name, layer in weight_layers(block):
+            if isinstance(layer, Upsample):  # packed: the layer itself stands for its convolution
+                name = "conv"
+            yield ".".join(part for part in (block_name, renamed(name, UNET_RENAMES)) if part), layer
+
+
+def unet_blocks(unet: UNet) -> Iterator[tuple[str, nn.Module]]:
+    """The U-Net's blocks under diffusers' names: input stage n is down block n // (blocks + 1), its resnet and
+    attention number n % (blocks + 1), or its downsampler; output stages likewise."""
+    per_level = unet.config.blocks_per_level + 1
+    yield "conv_in", unet.input_blocks[0][0]
+    yield "time_embedding", unet.time_embedding
+    for stages, prefix in ((unet.input_blocks[1:], "down_blocks"), (unet.output_blocks, "up_blocks")):
+        for n, stage in enumerate(stages):
+            level, index = divmod(n, per_level)
+            for layer in stage:
+                kind = BLOCK_KINDS[type(layer)]
+                position = 0 if kind in ("downsamplers", "upsamplers") else index
+                yield f"{prefix}.{level}.{kind}.{position}", layer
+    counts = Counter()
+    for layer in unet.middle_block:
+        kind = BLOCK_KINDS[type(layer)]
+        yield f"mid_block.{kind}.{counts[kind]}", layer
+        counts[kind] += 1
+    yield "conv_out", unet.conv_out
+
+
+def weight_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The module's Linear and Conv2d layers, and its packed GEGLU and Upsample layers (which hold their weights
+    in their own form), by our names relative to it."""
+    packed = getattr(module, "packed", None) is not None
+    if isinstance(module, (Linear, Conv2d)) or packed:
+        yield prefix, module
+        if not isinstance(module, GEGLU):  # a packed GEGLU still has its proj_out
+            return
+    for name, child in module.named_children():
+        yield from weight_layers(child, f"{prefix}.{name}" if prefix else name)
+
+
+def renamed(name: str, renames: list[tuple[str, str]]) -> str:
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def weight_shape(layer: nn.Module) -> torch.Size:
+    """The weight's shape as diffusers has it: a packed GEGLU's two halves as one, a packed Upsample's 3x3 kernel."""
+    if isinstance(layer, GEGLU):
+        hidden = layer.packed[0]
+        return torch.Size([2 * hidden.shape[0], hidden.shape[1]])
+    if isinstance(layer, Upsample):
+        kernel = layer.packed[0][0]
+        return torch.Size([*kernel.shape[:2], 3, 3])
+    return layer.weight.shape
+
+
+def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFile]]) -> dict[str, dict[nn.Module, list[Change]]]:
+    """For each model ("clip", "diffusion"), the changes to make to each of its layers. A module that maps to no
+    layer of ours is an SDError naming it."""
+    changes: dict[str, dict[nn.Module, list[Change]]] = {"clip": defaultdict(list), "diffusion": defaultdict(list)}
+    sites = lora_sites(models) if loras else {}
+    for tag, lora in loras:
+        for name, module in lora.modules.items():
+            site = sites.get(name)
+            if site is None:
+                raise SDError(f"LoRA {lora.name}: {name} matches no layer of SD 1.5; {FILE_FIX}")
+            multiplier = tag.te if site.model == "clip" else tag.unet
+            if multiplier:
+                changes[site.model][site.layer].append(Change(site, module, multiplier, tag.dyn))
+        if any(module.tensors.get("alpha") is not None and float(module.tensors["alpha"]) == 0 for module in lora.modules.values()):
+            log.warning("LoRA %s has modules with alpha 0, which change nothing (as in AUTOMATIC1111)", lora.name)
+    return changes
+
+
+@contextmanager
+def merged(changes: dict[nn.Module, list[Change]]):
+    """The layers changed for the duration of the block, then given back their original weight objects."""
+    originals = {}
+    try:
+        for layer, layer_changes in changes.items():
+            originals[layer] = saved_state(layer)
+            merge(layer, layer_changes)
+        yield
+    finally:
+        for layer, state in originals.items():
+            for name, value in state.items():
+                setattr(layer, name, value)
+        if originals:
+            trim_heap()  # the merged copies' memory back to the system
+
+
+def saved_state(layer: nn.Module) -> dict:
+    """The attributes that hold the layer's weights (the objects themselves: they are replaced, never changed)."""
+    if isinstance(layer, (GEGLU, Upsample)):
+        return {"packed": layer.packed}
+    return {"weight": layer.weight, "bias": layer.bias}
+
+
+def merge(layer: nn.Module, changes: list[Change]) -> None:
+    """Adds the changes to the layer's weight (and bias), in fp32, and stores the result as the weight was stored.
+    The changes are computed on the CPU, where the LoRA's tensors are (the packed layers that merge in their own
+    form are CPU-only)."""
+    shape = weight_shape(layer)
+    original = None
+    delta = torch.zeros(shape)
+    bias_delta = None
+    for change in changes:
+        site, module = change.site, change.module
+        if "dora_scale" in module.tensors and original is None:
+            original = dense_weight(layer).cpu()
+        part = original[site.rows] if original is not None and site.rows is not None else original
+        try:
+            update = module.change(site.shape, part, change.dyn)
+        except RuntimeError:  # the factors' shapes do not multiply into this layer's weight
+            raise SDError(f"LoRA module {module.name} does not fit SD 1.5's layer of shape {tuple(site.shape)}"
+                          f"{other_width(module)}; {FILE_FIX}") from None
+        (delta[site.rows] if site.rows is not None else delta).add_(update, alpha=change.multiplier)
+        bias_update = module.bias_change()
+        if bias_update is not None:
+            bias_delta = torch.zeros(shape[0]) if bias_delta is None else bias_delta
+            (bias_delta[site.rows] if site.rows is not None else bias_delta).add_(bias_update, alpha=change.multiplier)
+    if isinstance(layer, GEGLU):
+        merge_geglu(layer, delta, bias_delta)
+    elif isinstance(layer, Upsample):
+        merge_upsample(layer, delta, bias_delta)
+    else:
+        merge_plain(layer, delta, bias_delta)
+
+
+def other_width(module: Module) -> str:
+    """", for an SD 2.x LoRA" where the module's input is a text width other than SD 1.5's."""
+    widths = {tensor.shape[1] for key, tensor in module.tensors.items() if key in ("lora_down.weight", "hada_w1_b") and tensor.dim() >= 2}
+    found = [OTHER_TEXT_WIDTHS[width] for width in widths if width in OTHER_TEXT_WIDTHS]
+    return f": its input is {widths.pop()} wide, {found[0]}" if found else ""
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight in fp32, diffusers' shape (a packed Upsample's 3x3 kernel unfolded from its folded ones)."""
+    if isinstance(layer, GEGLU):
+        hidden, _, gate, _ = layer.packed
+        return torch.cat([hidden.to_dense(), gate.to_dense()]).float()
+    if isinstance(layer, Upsample):
+        kernels = [kernel.to_dense().float() for kernel in layer.packed[0]]
+        rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
+        return unfold_taps(*rows, dim=2)
+    weight = layer.weight
+    return (weight.to_dense() if weight.is_mkldnn else weight).float()
+
+
+def merge_plain(layer: Linear | Conv2d, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    weight = layer.weight
+    merged = (dense_weight(layer) + delta.to(weight.device)).to(weight.dtype)
+    if weight.is_mkldnn:
+        if isinstance(layer, Linear):
+            merged = pack_linear_weight(merged)
+        else:
+            merged = pack_convolution_weight(merged.contiguous(memory_format=torch.channels_last), layer.padding, layer.stride, layer.dilation, layer.groups)
+    elif weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        merged = merged.contiguous(memory_format=torch.channels_last)
+    layer.weight = nn.Parameter(merged, requires_grad=False)
+    if bias_delta is not None:
+        layer.bias = nn.Parameter((layer.bias.float() + bias_delta.to(layer.bias.device)).to(layer.bias.dtype), requires_grad=False)
+
+
+def merge_geglu(layer: GEGLU, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """The packed halves: hidden layer's rows, then the gate's."""
+    hidden, hidden_bias, gate, gate_bias = layer.packed
+    halves = []
+    for weight, half in zip((hidden, gate), delta.chunk(2)):
+        halves.append(pack_linear_weight((weight.to_dense().float() + half.to(weight.device)).to(weight.dtype)))
+    if bias_delta is not None:
+        hidden_bias, gate_bias = ((bias.float() + half).to(bias.dtype) for bias, half in zip((hidden_bias, gate_bias), bias_delta.chunk(2)))
+    layer.packed = halves[0], hidden_bias, halves[1], gate_bias
+
+
+def merge_upsample(layer: Upsample, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """The packed folded kernels plus the folded change: folding is linear, so fold(W + dW) = fold(W) + fold(dW)."""
+    kernels, bias = layer.packed
+    # (C, C, 3, 3) -> 4 x (C, C, 2, 2), in the order of sd/layers.py PARITIES
+    folded = [kernel for row in fold_taps(delta, dim=2) for kernel in fold_taps(row, dim=3)]
+    merged = [(kernel.to_dense().float() + change).to(kernel.dtype).contiguous(memory_format=torch.channels_last) for kernel, change in zip(kernels, folded)]
+    if bias_delta is not None:
+        bias = (bias.float() + bias_delta).to(bias.dtype)
+    layer.packed = [pack_convolution_weight(kernel, (1, 1)) for kernel in merged], bias
