@@ -268,6 +268,12 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
+    if image is not None and image.settings.model_hash is not None:
+        warn_of_another_model(from_image, image.settings, checkpoint)
+    if image is not None:
+        warn_of_other_embeddings(from_image, image.settings, embeddings)
+        warn_of_another_vae(from_image, image.settings, vae)
+        warn_of_other_loras(from_image, image.settings, loras)
     for text in dict.fromkeys(settings.prompt for settings in batch):
         prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
     inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures,
@@ -279,12 +285,6 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
                                 **ray_options, **inputs)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
-    if image is not None and image.settings.model_hash is not None:
-        warn_of_another_model(from_image, image.settings, checkpoint)
-    if image is not None:
-        warn_of_other_embeddings(from_image, image.settings, embeddings)
-        warn_of_another_vae(from_image, image.settings, vae)
-        warn_of_other_loras(from_image, image.settings, loras)
     saved = 0
     try:
         for path in rendered:

@@ -64,6 +64,7 @@ def test_info_prints_the_settings_text_and_json_for_scripts():
         "sampler": "dpmpp_2m", "karras": True, "cfg_scale": 6.5, "seed": 77, "width": 64, "height": 64, "strength": None,
         "eta": 0.0, "mask_blur": None, "clip_skip": 2, "emphasis": "original", "inpainted": False,
         "model_hash": "0123456789", "model": "someone-elses", "ti_hashes": {}, "lora_hashes": {"detail": "7c6bad76eb54"},
+        "vae_hash": None, "vae": None, "controlnets": [],
         "hires_scale": None, "hires_width": None, "hires_height": None, "hires_upscaler": "latent", "hires_steps": 0,
         "hires_strength": 0.7, "hires_sampler": None, "hires_karras": False,
     }
