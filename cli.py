@@ -14,23 +14,23 @@ import click
 from click.core import ParameterSource
 from PIL import Image
 
-from sd import model_hash
+from sd.files import hashes
 from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit
 from sd.batch import Job, save_png
 from sd.cluster import render_batch
-from sd.embeddings import Embedding, infotext_name, load_embeddings
+from sd.prompts.embeddings import Embedding, infotext_name, load_embeddings
 from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
-from sd.lora import LoraLibrary, prompt_loras, read_lora
+from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
-from sd.metadata import read_infotext_of
-from sd.model_loader import check_vae, image_size, read_controlnet
+from sd.files.metadata import read_infotext_of
+from sd.files.loader import check_vae, image_size, read_controlnet
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_controlnets, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
-from sd.samplers import SAMPLERS, karras_by_default
-from sd.prompts import EMPHASIS_MODES
+from sd.sampling.samplers import SAMPLERS, karras_by_default
+from sd.prompts.conditioning import EMPHASIS_MODES
 from sd.settings import COMMAND_DEFAULTS, MAX_CLIP_SKIP, MAX_SEED, Infotext, Settings, read_infotext, split_infotext
 
 SLUG_LENGTH = 60
@@ -454,7 +454,7 @@ def read_image_settings(path: Path, options: dict, has_input: bool) -> Infotext:
 
 
 def warn_of_another_model(path: Path, made: Settings, checkpoint: Path) -> None:
-    short_hash = model_hash.readable_short_hash(checkpoint, "checkpoint")
+    short_hash = hashes.readable_short_hash(checkpoint, "checkpoint")
     if made.model_hash != short_hash:
         model = f" ({made.model})" if made.model else ""
         click.echo(f"warning: {path} was made with model hash {made.model_hash}{model}, not this checkpoint's "
@@ -482,7 +482,7 @@ def warn_of_another_vae(path: Path, made: Settings, vae: Path | None) -> None:
         click.echo(f"warning: {path} was made with the VAE {theirs}, not the checkpoint's own: give that file as --vae, "
                    f"or the image will differ", err=True)
         return
-    ours = model_hash.readable_short_hash(vae, "VAE file")
+    ours = hashes.readable_short_hash(vae, "VAE file")
     if (made.vae_hash or made.vae) != (ours if made.vae_hash else vae.name):
         click.echo(f"warning: {path} was made with the VAE {theirs}, not {vae.name} ({ours}): the image will differ", err=True)
 
@@ -655,12 +655,12 @@ def precision(models: dict, device) -> str:
 
 
 def model_files(checkpoint: Path, vae: Path | None) -> dict:
-    """The settings that name the checkpoint and the VAE file (sd/model_hash.py, file_fields), saying so where
+    """The settings that name the checkpoint and the VAE file (sd/files/hashes.py, file_fields), saying so where
     a file is read whole to hash it."""
     for path in (checkpoint, vae):
-        if path is not None and model_hash.cached_sha256(path) is None:
+        if path is not None and hashes.cached_sha256(path) is None:
             click.echo(f"hashing {path.name} for the image metadata (once: the hash is cached)", err=True)
-    return model_hash.file_fields(checkpoint, vae)
+    return hashes.file_fields(checkpoint, vae)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from sd.layers import linear_as_convolution  # noqa: E402
+from sd.models.layers import linear_as_convolution  # noqa: E402
 from sd.precision import DTYPES, compute_dtype, cpu_has_bf16  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -272,7 +272,7 @@ def worker_decode(checkpoint: Path, dtype: torch.dtype, size: int, tiled: bool, 
     the peak RSS starts again from there, so the peak is the decode's own plus what the process held before
     it. A warm-up call on one tile's latents first, which pages the weights in (on a CPU without bf16
     instructions a 2048x2048 decode takes minutes: a warm-up at full size would double that)."""
-    from sd.layers import trim_heap
+    from sd.models.layers import trim_heap
 
     decoder = load_sd(checkpoint, dtype)["decoder"]
     gc.collect()
@@ -312,7 +312,7 @@ def worker_hires(checkpoint: Path, dtype: torch.dtype, base: int, size: int, ste
 
 def record_input_dtype(module: torch.nn.Module, record: dict, key: str) -> None:
     """Keeps in record[key] the dtype of the first input of the module's first call: the dtype it computes in, as
-    sd's layers cast their weights to their input's (sd/layers.py)."""
+    sd's layers cast their weights to their input's (sd/models/layers.py)."""
     def hook(_, inputs):
         record.setdefault(key, str(inputs[0].dtype).removeprefix("torch."))
 
@@ -343,8 +343,8 @@ def worker_controlnet(checkpoint: Path, dtype: torch.dtype, size: int, repeat: i
     """Issue 22's cost of one ControlNet: its load (time, and the RSS it adds), and in turns a guided U-Net step
     (batch 2) at `size` without it and with it (the ControlNet's forward pass, then the U-Net's with its
     residuals), the control image's hint features computed once beforehand as generate() does."""
-    from sd.controlnet import Control, Guide
-    from sd.model_loader import load_controlnet
+    from sd.models.controlnet import Control, Guide
+    from sd.files.loader import load_controlnet
 
     unet = load_sd(checkpoint, dtype)["diffusion"]
     compute = compute_dtype(dtype, CPU)
@@ -384,8 +384,8 @@ def worker_lora(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, lo
 
     from safetensors.torch import save_file
 
-    from sd.lora import LoraLibrary, LoraTag, read_lora
-    from sd.lora_merge import lora_sites, merged, plan_changes
+    from sd.files.lora import LoraLibrary, LoraTag, read_lora
+    from sd.files.lora_merge import lora_sites, merged, plan_changes
 
     models = load_sd(checkpoint, dtype)
     folder = Path(tempfile.mkdtemp())
@@ -539,15 +539,15 @@ def merge_results(results: list[dict]) -> list[dict]:
 def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
     """Floating-point operations of each stage at each size, counted on our models on the meta device
     (no memory, no arithmetic). Our U-Net and decoder fold each upsampling convolution into 16/36 of its
-    work (sd/layers.py); it is counted here as diffusers computes it, a 3x3 convolution of the upsampled
+    work (sd/models/layers.py); it is counted here as diffusers computes it, a 3x3 convolution of the upsampled
     image, so that both do the same count of operations and GFLOP/s compare."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sd.clip import CLIP
-    from sd.decoder import Decoder
-    from sd.diffusion import UNet
-    from sd.encoder import Encoder
-    from sd.layers import Upsample
+    from sd.models.clip import CLIP
+    from sd.models.decoder import Decoder
+    from sd.models.unet import UNet
+    from sd.models.encoder import Encoder
+    from sd.models.layers import Upsample
 
     flops = {}
     with torch.device("meta"):

@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 MEASURE = """
 import gc, sys, time, torch
 from sd import load_models
-from sd.model_loader import swap_vae
+from sd.files.loader import swap_vae
 
 def status(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 2**20  # GiB
@@ -50,7 +50,7 @@ def write_files(folder: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
     from sd.pipeline import DEMO_CHECKPOINT
-    from sd.vae import VAEConfig
+    from sd.models.vae import VAEConfig
 
     prefix = "first_stage_model."
     with safe_open(str(DEMO_CHECKPOINT), "pt") as demo:

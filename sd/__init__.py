@@ -3,12 +3,12 @@
 from .batch import Job
 from .cluster import BatchFailed, render_batch
 from .control import ControlNetUnit
-from .embeddings import load_embeddings
+from .prompts.embeddings import load_embeddings
 from .errors import SDError
-from .lora import LoraLibrary
-from .model_loader import load_controlnet, load_models, swap_vae
+from .files.lora import LoraLibrary
+from .files.loader import load_controlnet, load_models, swap_vae
 from .pipeline import generate
-from .prompts import encode_prompt, parse_prompt, prompt_chunks
+from .prompts.conditioning import encode_prompt, parse_prompt, prompt_chunks
 from .settings import Settings
 
 __all__ = ["BatchFailed", "ControlNetUnit", "Job", "LoraLibrary", "SDError", "Settings", "generate", "render_batch", "encode_prompt",

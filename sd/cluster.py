@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from . import model_hash
+from .files import hashes
 from .batch import Job, save_png
 from .errors import SDError
 from .pipeline import DEMO_CHECKPOINT, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
@@ -118,7 +118,7 @@ def render_batch(jobs: Iterable[Job], checkpoint: str | Path | None = None, *, v
     jobs = [job for job in jobs if overwrite or not job.path.exists()]
     checkpoint = find_checkpoint(checkpoint)
     worker_args = (str(Path(vae).resolve()) if vae is not None else None, device, dtype, inputs)
-    made_by = model_hash.file_fields(checkpoint, vae) if jobs else {}
+    made_by = hashes.file_fields(checkpoint, vae) if jobs else {}
     return rendering(ray, jobs, checkpoint, made_by, ray_address, workers, gpus_per_worker, cpus_per_worker, worker_args, progress)
 
 

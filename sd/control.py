@@ -1,4 +1,4 @@
-"""What a render asks of a ControlNet (sd/controlnet.py): the file, how strongly and over which steps it guides,
+"""What a render asks of a ControlNet (sd/models/controlnet.py): the file, how strongly and over which steps it guides,
 how its control image is prepared, and the infotext field AUTOMATIC1111's ControlNet extension writes for it:
 
     ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Just Resize, ..."
@@ -39,7 +39,7 @@ class ControlNetUnit:
     preprocess: str = "none"  # a PREPROCESSORS entry
     canny_low: int = 100  # canny's thresholds on the gradient's size: below low no edge, above high an edge
     canny_high: int = 200
-    model_hash: str | None = None  # recorded with an image: A1111's short hash of the file (sd/model_hash.py, old_hash)
+    model_hash: str | None = None  # recorded with an image: A1111's short hash of the file (sd/files/hashes.py, old_hash)
 
     def __post_init__(self):
         if self.strength < 0:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import SDError
-from .model_loader import LATENT_FACTOR
+from .files.loader import LATENT_FACTOR
 
 MIN_SIZE = 64
 # A1111 never denoises from pure noise in the second pass: its strength is capped below 1

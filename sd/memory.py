@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import SDError
-from .model_loader import LATENT_FACTOR
+from .files.loader import LATENT_FACTOR
 
 log = logging.getLogger("sd")
 
@@ -31,12 +31,12 @@ DECODER_BYTES_PER_PIXEL = 2900
 ENCODER_BYTES_PER_PIXEL = 3400
 # the decoded image as fp32 tensor, then as 8-bit PIL image
 IMAGE_BYTES_PER_PIXEL = 3 * 4 + 3
-# a tile of the tiled VAE (sd/tiling.py): 64x64 latents
+# a tile of the tiled VAE (sd/models/tiling.py): 64x64 latents
 TILE_PIXELS = (64 * LATENT_FACTOR) ** 2
 # the weights a CPU render holds in memory throughout, in parameters: SD 1.5's U-Net and VAE decoder (the text
-# encoder and the VAE encoder stay memory-mapped, sd/model_loader.py)
+# encoder and the VAE encoder stay memory-mapped, sd/files/loader.py)
 RESIDENT_PARAMETERS = 859_520_964 + 49_490_199
-CONTROLNET_PARAMETERS = 361_279_120  # an SD 1.5 ControlNet's, held while the U-Net runs (sd/controlnet.py)
+CONTROLNET_PARAMETERS = 361_279_120  # an SD 1.5 ControlNet's, held while the U-Net runs (sd/models/controlnet.py)
 # left to everything else: the Python process, the libraries, the memory-mapped models while they run
 HEADROOM = 0.5 * GIB
 

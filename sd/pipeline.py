@@ -15,21 +15,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .control import ControlNetUnit, control_image
-from .controlnet import Control, ControlNet, Guide, compatible
-from .embeddings import Embedding
+from .models.controlnet import Control, ControlNet, Guide, compatible
+from .prompts.embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
-from .layers import release_scratch, trim_heap
-from .lora import LoraLibrary, prompt_loras, warn_of_other_networks
-from .lora_merge import merged, plan_changes
+from .models.layers import release_scratch, trim_heap
+from .files.lora import LoraLibrary, prompt_loras, warn_of_other_networks
+from .files.lora_merge import merged, plan_changes
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
-from .model_hash import old_hash
-from .model_loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
+from .files.hashes import old_hash
+from .files.loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
-from .prompt_schedule import Timeline
-from .prompts import ContextSchedule, guidance_contexts
-from .samplers import KnownRegion, sample, total_steps
+from .prompts.editing import Timeline
+from .prompts.conditioning import ContextSchedule, guidance_contexts
+from .sampling.samplers import KnownRegion, sample, total_steps
 from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 
 log = logging.getLogger("sd")
@@ -88,19 +88,19 @@ def generate(
     Settings that made it, with the seed, the size and the strength it got.
 
     `vae_tiling` decodes (and encodes) in tiles of 512x512 pixels, whose memory does not grow with the image
-    (sd/tiling.py); None: only where a whole image would not fit in memory (sd/memory.py), which a render
+    (sd/models/tiling.py); None: only where a whole image would not fit in memory (sd/memory.py), which a render
     that cannot fit even so is refused with an SDError before the models load.
 
-    `embeddings` (sd/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
+    `embeddings` (sd/prompts/embeddings.py, load_embeddings): textual-inversion embeddings, by the trigger words that
     stand for them in the prompts; those used are recorded in the Settings' `ti_hashes`.
 
-    `vae`: a VAE file to stand in for the checkpoint's (sd/vae_file.py), for the models generate() loads; given
-    `models`, swap their VAE with swap_vae (sd/model_loader.py) instead.
+    `vae`: a VAE file to stand in for the checkpoint's (sd/files/vae_file.py), for the models generate() loads; given
+    `models`, swap their VAE with swap_vae (sd/files/loader.py) instead.
     `control_images`: one for each of the Settings' `controlnets` (sd/control.py), in their order; each is resized
     to the output size and preprocessed as its unit says. The ControlNets are loaded from their units' files, or
-    given loaded in `controlnet_models` (sd/model_loader.py, load_controlnet), in the same order.
-    `loras` (sd/lora.py): the LoRA files that the prompt's `<lora:NAME:MULTIPLIER>` tags name, by name; None: those
-    of data/lora/. Their changes are merged into the weights for this render only (sd/lora_merge.py); those used
+    given loaded in `controlnet_models` (sd/files/loader.py, load_controlnet), in the same order.
+    `loras` (sd/files/lora.py): the LoRA files that the prompt's `<lora:NAME:MULTIPLIER>` tags name, by name; None: those
+    of data/lora/. Their changes are merged into the weights for this render only (sd/files/lora_merge.py); those used
     are recorded in the Settings' `lora_hashes`.
     """
     settings = replace(prompt, **settings) if isinstance(prompt, Settings) else Settings(prompt, **settings)
@@ -167,7 +167,7 @@ def generate(
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
         with on_device(models["clip"], device, idle_device), merged(lora_changes["clip"]):
-            # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts.py)
+            # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts/conditioning.py)
             contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
 
         needs_encoder = needs_image_latents or inpainting_model
@@ -444,7 +444,7 @@ def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype, va
 
 class on_device:
     """Moves a model to `device` for a stage; once the stage is done, to `idle_device` (if given), and hands its
-    memory-mapped weights back to the file (sd/model_loader.py)."""
+    memory-mapped weights back to the file (sd/files/loader.py)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, idle_device):
         self.model, self.device, self.idle_device = model, device, idle_device

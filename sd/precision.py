@@ -1,6 +1,6 @@
 """Which dtype the weights are stored in, and which one each model computes in.
 
-The two differ where the device has no fast arithmetic for the stored type (see sd/layers.py):
+The two differ where the device has no fast arithmetic for the stored type (see sd/models/layers.py):
 - CPU: bf16 or fp16 weights compute in fp32 unless the CPU has bf16 instructions (AVX512-BF16 or
   AMX), because without them PyTorch falls back to reference kernels about 10x slower than fp32.
 - CUDA and MPS: fp16 weights compute in fp16, except the VAE, which computes in fp32: SD's VAE

@@ -24,14 +24,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .control import FIELD_NAME as CONTROLNET_FIELD, ControlNetUnit, read_unit
-from .embeddings import infotext_name
-from .lora import prompt_text, split_tags
+from .prompts.embeddings import infotext_name
+from .files.lora import prompt_text, split_tags
 from .errors import SDError
 from .hires import DEFAULT_UPSCALER, UPSCALERS, check_side, hires_schedule, hires_target
-from .model_loader import LATENT_FACTOR
-from .prompts import EMPHASIS_MODES, parse_prompt
-from .samplers import SAMPLERS, check_options, display_name, karras_by_default
-from .schedule import SD15, check_steps
+from .files.loader import LATENT_FACTOR
+from .prompts.conditioning import EMPHASIS_MODES, parse_prompt
+from .sampling.samplers import SAMPLERS, check_options, display_name, karras_by_default
+from .sampling.schedule import SD15, check_steps
 
 MAX_SEED = 2**32 - 1
 # what `sd generate` renders with unless told otherwise: AUTOMATIC1111's DPM++ 2M Karras in 20 steps (the library's
@@ -48,7 +48,7 @@ class Settings:
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 50
-    sampler: str = "ddpm"  # a key of sd.samplers.SAMPLERS
+    sampler: str = "ddpm"  # a key of sd.sampling.samplers.SAMPLERS
     karras: bool = False  # Karras et al.'s noise levels, for the samplers that walk noise levels
     cfg_scale: float = 7.5
     seed: int | None = None  # None: a random one, recorded with the image
@@ -57,8 +57,8 @@ class Settings:
     strength: float | None = None  # image-to-image; None: 0.8, or 1 when an inpainting checkpoint repaints a mask
     eta: float = 0.0  # ddim only
     mask_blur: int | None = None  # inpainting with an ordinary checkpoint; None: DEFAULT_MASK_BLUR
-    clip_skip: int = 1  # the text encoder's layer read, counted from the end (sd/clip.py)
-    emphasis: str = "original"  # how the prompt's weights apply: a key of sd.prompts.EMPHASIS_MODES
+    clip_skip: int = 1  # the text encoder's layer read, counted from the end (sd/models/clip.py)
+    emphasis: str = "original"  # how the prompt's weights apply: a key of sd.prompts.conditioning.EMPHASIS_MODES
     # recorded with an image, not chosen: a mask repainted part of the input; the checkpoint
     inpainted: bool = False
     model_hash: str | None = None  # sha256(checkpoint)[:10], A1111's "Model hash"

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cli
-from sd import model_hash
+from sd.files import hashes
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 SD_SCRIPT = shutil.which("sd", path=str(Path(sys.executable).parent)) or shutil.which("sd")
@@ -198,7 +198,7 @@ def test_generate_writes_a_png_with_its_settings(safetensors_checkpoint, checkpo
     assert str(safetensors_checkpoint.resolve()) in (cache_dir / "model_hashes.json").read_text()
 
     # The same seed again gives the same pixels, and the hash now comes from the cache.
-    monkeypatch.setattr(model_hash, "_hash_file", lambda path, start: pytest.fail("the checkpoint was hashed again"))
+    monkeypatch.setattr(hashes, "_hash_file", lambda path, start: pytest.fail("the checkpoint was hashed again"))
     assert sd(*args, "--output", "again.png").exit_code == 0
     assert np.array_equal(pixels(Path("again.png")), pixels(Path("cat.png")))
     assert read_parameters(Path("again.png"))["Model hash"] == checkpoint_sha256[:10]
@@ -322,33 +322,33 @@ def test_seed_minus_one_is_a_random_seed_written_to_the_image():
 def test_model_hash_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "model.bin"
-    content = os.urandom(model_hash.CHUNK_BYTES + 12345)  # more than one read
+    content = os.urandom(hashes.CHUNK_BYTES + 12345)  # more than one read
     path.write_bytes(content)
-    assert model_hash.sha256(path) == hashlib.sha256(content).hexdigest()
-    assert model_hash.short_hash(path) == hashlib.sha256(content).hexdigest()[:10]
+    assert hashes.sha256(path) == hashlib.sha256(content).hexdigest()
+    assert hashes.short_hash(path) == hashlib.sha256(content).hexdigest()[:10]
     assert str(path.resolve()) in (tmp_path / "cache" / "model_hashes.json").read_text()
 
     hashed = []
-    monkeypatch.setattr(model_hash, "_hash_file", lambda p, start: hashed.append(p) or "f" * 64)
-    assert model_hash.sha256(path) == hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(hashes, "_hash_file", lambda p, start: hashed.append(p) or "f" * 64)
+    assert hashes.sha256(path) == hashlib.sha256(content).hexdigest()
     assert hashed == []  # read from the cache
 
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
-    assert model_hash.sha256(path) == "f" * 64 and len(hashed) == 1  # a touched file is hashed again
+    assert hashes.sha256(path) == "f" * 64 and len(hashed) == 1  # a touched file is hashed again
 
     (tmp_path / "cache" / "model_hashes.json").write_text("{damaged")
-    assert model_hash.sha256(path) == "f" * 64 and len(hashed) == 2  # a damaged cache is rebuilt
-    assert model_hash.cached_sha256(path) == "f" * 64
+    assert hashes.sha256(path) == "f" * 64 and len(hashed) == 2  # a damaged cache is rebuilt
+    assert hashes.cached_sha256(path) == "f" * 64
 
 
 def test_model_hash_cache_location(tmp_path, monkeypatch):
-    assert model_hash.cache_file() == Path(os.environ["SD_CACHE_DIR"]) / "model_hashes.json"
+    assert hashes.cache_file() == Path(os.environ["SD_CACHE_DIR"]) / "model_hashes.json"
     monkeypatch.delenv("SD_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert model_hash.cache_file() == tmp_path / "sd" / "model_hashes.json"
+    assert hashes.cache_file() == tmp_path / "sd" / "model_hashes.json"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert model_hash.cache_file() == Path.home() / ".cache" / "sd" / "model_hashes.json"
+    assert hashes.cache_file() == Path.home() / ".cache" / "sd" / "model_hashes.json"
 
 
 def test_help_lists_the_samplers_and_the_naming():

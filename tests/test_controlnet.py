@@ -19,13 +19,13 @@ from safetensors.torch import save_file
 import cli
 from sd import generate
 from sd.control import ControlNetUnit, canny, control_image
-from sd.controlnet import ControlNet
-from sd.diffusion import UNetConfig
+from sd.models.controlnet import ControlNet
+from sd.models.unet import UNetConfig
 from sd.errors import SDError
-from sd.model_converter import convert
-from sd.model_loader import load_controlnet
+from sd.files.converter import convert
+from sd.files.loader import load_controlnet
 from sd.pipeline import DEMO_CHECKPOINT
-from sd.samplers import SAMPLERS
+from sd.sampling.samplers import SAMPLERS
 from sd.settings import Settings
 
 DEMO_UNET = json.loads(__import__("safetensors").safe_open(str(DEMO_CHECKPOINT), "pt").metadata()["sd_config"])["unet"]
@@ -208,7 +208,7 @@ def test_hires_fix_is_guided_in_both_passes(demo, small_controlnet, small_loaded
 
 
 def test_generate_loads_the_controlnet_and_records_it(demo, small_controlnet):
-    from sd.model_hash import old_hash
+    from sd.files.hashes import old_hash
 
     image, = generate("red circle", models=demo, controlnets=[ControlNetUnit(str(small_controlnet), 0.8)], control_images=[drawn_map()], **SMALL)
     unit, = image.info["sd"].controlnets

@@ -7,11 +7,11 @@ import torch
 from checkpoints import sd15_shapes, write_checkpoint
 
 from sd import SDError, load_models
-from sd.clip import CLIP
-from sd.decoder import Decoder
-from sd.diffusion import UNet
-from sd.encoder import Encoder
-from sd.model_converter import IGNORED, convert, target_name, to_original
+from sd.models.clip import CLIP
+from sd.models.decoder import Decoder
+from sd.models.unet import UNet
+from sd.models.encoder import Encoder
+from sd.files.converter import IGNORED, convert, target_name, to_original
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.attention import PIECE_SCORES, attend
-from sd.diffusion import GEGLU
-from sd.layers import Conv2d, Linear, Upsample, cast_to, linear_as_convolution, pack_weights
+from sd.models.attention import PIECE_SCORES, attend
+from sd.models.unet import GEGLU
+from sd.models.layers import Conv2d, Linear, Upsample, cast_to, linear_as_convolution, pack_weights
 from sd.precision import cpu_has_bf16
-from sd.model_loader import release_mapped
-from sd.tokenizer import encode
+from sd.files.loader import release_mapped
+from sd.prompts.tokenizer import encode
 
 
 def qkv(length: int, key_length: int, width: int = 40, dtype=torch.bfloat16):

@@ -1,4 +1,4 @@
-"""The shared schedule (sd/schedule.py) and the DDPM sampler against diffusers' DDPMScheduler configured as SD 1.5
+"""The shared schedule (sd/sampling/schedule.py) and the DDPM sampler against diffusers' DDPMScheduler configured as SD 1.5
 ships it. Every sampler's parity through `sample()` is in test_samplers.py; this file checks the DDPM step itself
 more tightly, over up to 999 steps."""
 
@@ -11,9 +11,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
     StableDiffusionImg2ImgPipeline,
 )
 
-from sd.ddpm import sample_ddpm
+from sd.sampling.ddpm import sample_ddpm
 from sd.errors import SDError
-from sd.schedule import SD15, first_step, leading_timesteps
+from sd.sampling.schedule import SD15, first_step, leading_timesteps
 
 # scheduler/scheduler_config.json of stable-diffusion-v1-5 (a PNDM config; DDPMScheduler ignores
 # set_alpha_to_one and skip_prk_steps, and its own defaults fill in the rest, checked below)

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 from sd import generate, load_models
-from sd.diffusion import UNetConfig
+from sd.models.unet import UNetConfig
 from sd.pipeline import DEFAULT_CHECKPOINTS, DEMO_CHECKPOINT
-from sd.clip import CLIPConfig
+from sd.models.clip import CLIPConfig
 from sd.training import train as training
 from sd.settings import COMMAND_DEFAULTS
 from sd.training.evaluate import accuracy, render_all
 from sd.training.world import HELD_OUT, Reading, Scene, combinations, random_batch, read_image
-from sd.vae import VAEConfig
+from sd.models.vae import VAEConfig
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 SD_SCRIPT = shutil.which("sd", path=str(Path(sys.executable).parent)) or shutil.which("sd")

@@ -1,5 +1,5 @@
-"""Textual-inversion embeddings: files read safely (sd/embeddings.py), placed in a prompt's chunks and encoded
-(sd/prompts.py), named in the image's settings (TI hashes), and the command's errors.
+"""Textual-inversion embeddings: files read safely (sd/prompts/embeddings.py), placed in a prompt's chunks and encoded
+(sd/prompts/conditioning.py), named in the image's settings (TI hashes), and the command's errors.
 
 The placement rules are A1111's (shared reference a1111-formats.md, "TI placement"); the tables below are ours,
 worked out by hand from them. The encoding is compared with diffusers' load_textual_inversion on the random
@@ -19,11 +19,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cli
-from sd import Settings, embeddings, generate, load_embeddings
-from sd.embeddings import Embedding
+from sd import Settings, generate, load_embeddings
+from sd.prompts import embeddings
+from sd.prompts.embeddings import Embedding
 from sd.errors import SDError
-from sd.prompt_schedule import Timeline
-from sd.prompts import chunk_prompt, encode_prompt, guidance_contexts, prompt_chunks
+from sd.prompts.editing import Timeline
+from sd.prompts.conditioning import chunk_prompt, encode_prompt, guidance_contexts, prompt_chunks
 from sd.settings import read_infotext
 from test_prompts import chunk, words
 

@@ -20,9 +20,9 @@ from test_pipeline_parity import PROMPT, assert_same_image, both, scheduler  # n
 
 import cli
 from sd import SDError, Settings, generate
-from sd.diffusion import UNet
+from sd.models.unet import UNet
 from sd.hires import hires_schedule
-from sd.schedule import euler_schedule, leading_timesteps
+from sd.sampling.schedule import euler_schedule, leading_timesteps
 from sd.settings import read_infotext
 
 DEMO_PROMPT = "a red circle on the left"

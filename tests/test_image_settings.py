@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import cli
 from sd import Settings
-from sd.metadata import EXIF_IFD, USER_COMMENT
+from sd.files.metadata import EXIF_IFD, USER_COMMENT
 
 A1111 = (
     "a red circle on the left,\nsmall\n"

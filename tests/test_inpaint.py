@@ -28,11 +28,11 @@ from test_samplers import DETERMINISTIC, SHAPE, ToyModel, assert_same_run, refer
 
 import cli
 from sd import SDError, generate, load_models
-from sd.diffusion import UNet, UNetConfig
+from sd.models.unet import UNet, UNetConfig
 from sd.inpaint import paste_back, read_mask, repaint_cells
-from sd.model_loader import UNET_FIRST_CONV
+from sd.files.loader import UNET_FIRST_CONV
 from sd.pipeline import is_inpainting_model
-from sd.samplers import KnownRegion, sample
+from sd.sampling.samplers import KnownRegion, sample
 
 NOWHERE = "/nowhere/model.safetensors"  # a checkpoint error instead of ours would mean the check came too late
 SMALL = dict(width=64, height=64, progress=False)

@@ -1,5 +1,5 @@
-"""LoRA and LyCORIS: the prompt's tags (sd/lora.py), each kind of module merged into the demo model's layers as its
-formula says (sd/lora_merge.py), the weights put back exactly after a render, A1111's Lora hashes, and the
+"""LoRA and LyCORIS: the prompt's tags (sd/files/lora.py), each kind of module merged into the demo model's layers as its
+formula says (sd/files/lora_merge.py), the weights put back exactly after a render, A1111's Lora hashes, and the
 command's errors. The merge of kohya LoRA/LoCon files is compared with diffusers' in test_lora_parity.py.
 
 The formulas below are written from LyCORIS' and A1111's descriptions (a1111-formats.md section 4), in fp64; our
@@ -20,13 +20,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cli
-from sd import Settings, generate, load_models, model_hash
+from sd import Settings, generate, load_models
+from sd.files import hashes
 from sd.errors import SDError
-from sd.lora import LoraLibrary, LoraTag, read_lora, split_tags
-from sd.lora_merge import dense_weight, lora_sites, merged, plan_changes
+from sd.files.lora import LoraLibrary, LoraTag, read_lora, split_tags
+from sd.files.lora_merge import dense_weight, lora_sites, merged, plan_changes
 from sd.pipeline import DEMO_CHECKPOINT
-from sd.prompt_schedule import Timeline
-from sd.prompts import encode_prompt, guidance_contexts
+from sd.prompts.editing import Timeline
+from sd.prompts.conditioning import encode_prompt, guidance_contexts
 from sd.settings import read_infotext
 from test_embeddings import RunsCode
 
@@ -238,7 +239,7 @@ def demo_lora(sites: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def all_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight, plain: the parameters and the packed layers' tensors (sd/layers.py, pack_weights)."""
+    """Every weight, plain: the parameters and the packed layers' tensors (sd/models/layers.py, pack_weights)."""
     weights = dict(model.named_parameters())
     for name, layer in model.named_modules():
         packed = getattr(layer, "packed", None)
@@ -250,7 +251,7 @@ def all_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype, hires_scale", [(torch.float32, 1.5), (torch.bfloat16, None)])
 def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dtype, hires_scale):
-    """On a CPU with bf16 instructions, the bf16 U-Net and decoder are packed for oneDNN (sd/layers.py): their
+    """On a CPU with bf16 instructions, the bf16 U-Net and decoder are packed for oneDNN (sd/models/layers.py): their
     merged layers are packed again, and the packed originals put back. Hires fix runs the U-Net twice (in fp32
     only: new sizes cost a bf16 render seconds of oneDNN's set-up)."""
     models, fresh = load_models(DEMO_CHECKPOINT, dtype=dtype), load_models(DEMO_CHECKPOINT, dtype=dtype)
@@ -282,7 +283,7 @@ def test_lora_hash_is_sshs_model_hash_else_the_sha256_of_the_tensor_data(tmp_pat
     # other metadata, the same tensors: the same hash (A1111's addnet hash)
     save_file(tensors, tmp_path / "edited.safetensors", metadata={"ss_output_name": "renamed", "notes": "x" * 100})
     assert read_lora("edited", tmp_path / "edited.safetensors").short_hash == expected
-    assert model_hash.cached_sha256(tmp_path / "plain.safetensors", "tensor_sha256") == hashlib.sha256(data[header:]).hexdigest()
+    assert hashes.cached_sha256(tmp_path / "plain.safetensors", "tensor_sha256") == hashlib.sha256(data[header:]).hexdigest()
     save_file(tensors, tmp_path / "kohya.safetensors", metadata={"sshs_model_hash": "0123456789abcdef" * 4})
     assert read_lora("kohya", tmp_path / "kohya.safetensors").short_hash == "0123456789ab"
     torch.save(tensors, tmp_path / "pickled.pt")

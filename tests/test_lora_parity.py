@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from test_pipeline_parity import SD15_SCHEDULER, assert_same_image
 
 from sd import generate, load_models
-from sd.lora import LoraLibrary, LoraTag, read_lora
-from sd.lora_merge import dense_weight, lora_sites, merged, plan_changes
+from sd.files.lora import LoraLibrary, LoraTag, read_lora
+from sd.files.lora_merge import dense_weight, lora_sites, merged, plan_changes
 
 RANK, ALPHA = 4, 3.0
 TE, UNET = 0.6, 0.9

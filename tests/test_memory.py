@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import cli
 from sd import generate, load_models, memory
-from sd.decoder import Decoder
+from sd.models.decoder import Decoder
 from sd.errors import SDError
 from sd.memory import GIB, Render, largest_fitting, out_of_memory_as_error, plan_vae_tiling
 from sd.pipeline import DEMO_CHECKPOINT

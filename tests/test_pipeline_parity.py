@@ -129,7 +129,7 @@ def test_a1111_prompt_matches_diffusers_given_its_conditioning(both, tmp_path):
     from test_embeddings import TRIGGER, random_vectors, write_embedding
 
     from sd import load_embeddings
-    from sd.prompts import chunk_prompt
+    from sd.prompts.conditioning import chunk_prompt
 
     ours, reference = both
     embedding_file = write_embedding(tmp_path, "a1111.pt", random_vectors(2, seed=7))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sd import generate, load_models, precision
 from sd.errors import SDError
-from sd.layers import Conv2d, GroupNorm, LayerNorm, Linear, cast_to, packing_pays
+from sd.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, cast_to, packing_pays
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -42,7 +42,7 @@ def test_the_real_cpu_check_answers():
 
 LAYERS = [
     (lambda: Linear(16, 8), lambda layer, x: F.linear(x, layer.weight.float(), layer.bias.float()), (3, 16)),
-    # kernels are cast channels_last (sd/layers.py), and oneDNN sums in another order for each layout (on an AVX2
+    # kernels are cast channels_last (sd/models/layers.py), and oneDNN sums in another order for each layout (on an AVX2
     # EPYC the two differ in the last bit), so the reference takes that layout too
     (lambda: Conv2d(4, 8, 3, padding=1),
      lambda layer, x: F.conv2d(x, layer.weight.float().contiguous(memory_format=torch.channels_last), layer.bias.float(), padding=1),
@@ -89,7 +89,7 @@ def test_bf16_weights_give_nearly_the_fp32_image(models, safetensors_checkpoint)
     """bf16 keeps 8 bits of mantissa, so each weight moves by up to 0.4 %. On this random checkpoint the
     image then differs from fp32 by about 49 dB PSNR where bf16 weights compute in fp32 (a CPU without
     bf16 instructions), and by about 35 dB where every activation is bf16 too, whether the attention runs
-    in pieces (sd/attention.py) or in PyTorch's fused kernel; a wrong cast or layout would be near 10 dB."""
+    in pieces (sd/models/attention.py) or in PyTorch's fused kernel; a wrong cast or layout would be near 10 dB."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     settings = dict(prompt="a cat", sampler="ddim", steps=3, width=64, height=64, latents=latents, progress=False)
     full = np.asarray(generate(**settings, models=models)[0], dtype=np.float64)

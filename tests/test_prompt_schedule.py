@@ -1,4 +1,4 @@
-"""Prompt editing and alternation (sd/prompt_schedule.py) and the context each U-Net call gets from them.
+"""Prompt editing and alternation (sd/prompts/editing.py) and the context each U-Net call gets from them.
 
 Cases marked "A1111" are the worked cases of A1111's docstrings and the quirks checked by running its code
 (shared reference a1111-formats.md, section 1 and its last section); the others are ours, worked out by hand
@@ -10,9 +10,9 @@ import torch
 
 from sd import generate
 from sd.pipeline import pass_timelines
-from sd.prompt_schedule import Timeline, prompt_schedule
-from sd.prompts import encode_prompt
-from sd.samplers import total_steps
+from sd.prompts.editing import Timeline, prompt_schedule
+from sd.prompts.conditioning import encode_prompt
+from sd.sampling.samplers import total_steps
 from sd.settings import Settings
 
 SCHEDULE_CASES = {

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's prompt dialect (sd/prompts.py): parsing, chunks, encoding.
+"""AUTOMATIC1111's prompt dialect (sd/prompts/conditioning.py): parsing, chunks, encoding.
 
 The parsing cases marked "A1111" are the worked cases of A1111's own docstrings and the quirks checked by running
 its code (shared reference a1111-formats.md, sections 1 and 2); the others are ours, worked out by hand from the
@@ -16,9 +16,9 @@ import cli
 
 from sd import Settings, generate
 from sd.errors import SDError
-from sd.prompt_schedule import Timeline
-from sd.prompts import encode_prompt, guidance_contexts, parse_prompt, prompt_chunks
-from sd.tokenizer import load_clip_tokenizer
+from sd.prompts.editing import Timeline
+from sd.prompts.conditioning import encode_prompt, guidance_contexts, parse_prompt, prompt_chunks
+from sd.prompts.tokenizer import load_clip_tokenizer
 
 PARSE_CASES = {
     # A1111's docstring cases

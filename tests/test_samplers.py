@@ -31,7 +31,7 @@ from diffusers import (
 )
 
 from sd.errors import SDError
-from sd.samplers import SAMPLERS, display_name, sample
+from sd.sampling.samplers import SAMPLERS, display_name, sample
 
 SD15_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

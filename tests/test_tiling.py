@@ -1,4 +1,4 @@
-"""Tiled VAE decoding and encoding (sd/tiling.py) against diffusers' AutoencoderKL.enable_tiling().
+"""Tiled VAE decoding and encoding (sd/models/tiling.py) against diffusers' AutoencoderKL.enable_tiling().
 
 Both sides run the same weights: the random full-size SD 1.5 checkpoint with small tiles (8 latents, 64
 pixels, so that 3x3 tiles and more stay cheap), the shipped demo model's small VAE at the default tile
@@ -43,7 +43,7 @@ from torch import nn
 
 from sd import SDError
 from sd.pipeline import DEMO_CHECKPOINT
-from sd.tiling import run_tiled
+from sd.models.tiling import run_tiled
 
 PIXEL_TOLERANCE = 2 / 255  # 1/255 in [0, 1] is 2/255 in [-1, 1]
 RELATIVE_TOLERANCE = 1e-4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd.tokenizer import encode
+from sd.prompts.tokenizer import encode
 
 CASES = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_cases.json").read_text())["cases"]
 BOS, EOS = 49406, 49407

@@ -1,4 +1,4 @@
-"""VAE files in place of the checkpoint's VAE (sd/vae_file.py, `--vae`): each layout gives diffusers' numbers, the
+"""VAE files in place of the checkpoint's VAE (sd/files/vae_file.py, `--vae`): each layout gives diffusers' numbers, the
 image's settings name the file as A1111 does, and a file that cannot serve is one line, exit 2, before sampling.
 
 The checkpoint ("host") is the demo model's U-Net and text encoder with SD 1.5's full-size VAE (random, seed 0), so
@@ -25,12 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cli
-from sd import SDError, Settings, generate, load_models, model_hash
-from sd.model_loader import swap_vae
+from sd import SDError, Settings, generate, load_models
+from sd.files import hashes
+from sd.files.loader import swap_vae
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.settings import read_infotext
-from sd.vae_file import original_name, vae_target
-from sd.vae import VAEConfig
+from sd.files.vae_file import original_name, vae_target
+from sd.models.vae import VAEConfig
 from test_parity import RELATIVE_TOLERANCE, assert_close
 
 PREFIX = "first_stage_model."
@@ -104,7 +105,7 @@ def decode_and_encode(models: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return models["decoder"](latents), models["encoder"](image, noise)
 
 
-NAMES = {  # a VAE file's name -> the original's, as sd/vae_file.py reads it (4 levels, as SD 1.5's)
+NAMES = {  # a VAE file's name -> the original's, as sd/files/vae_file.py reads it (4 levels, as SD 1.5's)
     "encoder.conv_in.weight": "first_stage_model.encoder.conv_in.weight",
     "first_stage_model.quant_conv.bias": "first_stage_model.quant_conv.bias",
     "vae.post_quant_conv.weight": "first_stage_model.post_quant_conv.weight",
@@ -159,7 +160,7 @@ def test_swapping_the_vae_of_loaded_models_equals_loading_with_it(files):
     for name in ("encoder", "decoder"):
         theirs = with_file[name].state_dict()
         assert all(torch.equal(value, theirs[key]) for key, value in models[name].state_dict().items()), name
-    # on a CPU the encoder keeps the file's pages (sd/model_loader.py), released after each use
+    # on a CPU the encoder keeps the file's pages (sd/files/loader.py), released after each use
     assert len(models["encoder"].mapped_parameters) > 0
 
 
@@ -215,7 +216,7 @@ def test_a_render_names_the_vae_file_and_from_warns_where_it_differs(files, comm
     assert made.exit_code == 0, made.output
     short_hash = hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
     assert f"Model: host, VAE hash: {short_hash}, VAE: prefixed.safetensors" in Image.open("a.png").text["parameters"]
-    assert model_hash.cached_sha256(vae)[:10] == short_hash  # hashed once, then read from the cache
+    assert hashes.cached_sha256(vae)[:10] == short_hash  # hashed once, then read from the cache
     same = sd("--from", "a.png", "--checkpoint", files["host"], "--vae", vae, "--output", "b.png")
     assert same.exit_code == 0 and "VAE" not in same.stderr.replace("with the VAE prefixed", ""), same.output
     own = sd("--from", "a.png", "--checkpoint", files["host"], "--output", "c.png")

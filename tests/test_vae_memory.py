@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.layers import Upsample
-from sd.layers import _scratch, cast_to, release_scratch
+from sd.models.layers import Upsample
+from sd.models.layers import _scratch, cast_to, release_scratch
 from sd.pipeline import release_memory
 
 

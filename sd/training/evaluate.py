@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..model_loader import load_models
+from ..files.loader import load_models
 from ..pipeline import DEMO_CHECKPOINT, generate
 from ..settings import COMMAND_DEFAULTS
 from .world import COLOURS, POSITIONS, SHAPES, Reading, Scene, combinations, read_image

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from ..clip import CLIP, CLIPConfig
-from ..decoder import Decoder
-from ..diffusion import UNet, UNetConfig
-from ..encoder import Encoder
-from ..model_converter import write_original_checkpoint
-from ..schedule import SD15
-from ..tokenizer import BOS_ID, EOS_ID, encode
-from ..vae import VAEConfig
+from ..models.clip import CLIP, CLIPConfig
+from ..models.decoder import Decoder
+from ..models.unet import UNet, UNetConfig
+from ..models.encoder import Encoder
+from ..files.converter import write_original_checkpoint
+from ..sampling.schedule import SD15
+from ..prompts.tokenizer import BOS_ID, EOS_ID, encode
+from ..models.vae import VAEConfig
 from .world import every_caption, random_batch, random_vae_batch
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"

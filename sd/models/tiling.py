@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import SDError
+from ..errors import SDError
 from .layers import trim_heap
 
 # the share of a tile that overlaps the next one (diffusers' tile_overlap_factor)

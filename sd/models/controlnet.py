@@ -4,7 +4,7 @@ edge map, a depth map, a pose) and steers the U-Net towards its layout.
 A small convolutional "hint" encoder brings the control image down to the latents' size; its features are added
 after the copy's first stage. A 1x1 convolution (zero at the start of training) out of each encoder stage and out
 of the middle block gives one residual per skip connection of the U-Net and one for its middle block, which the
-U-Net adds to them (sd/diffusion.py, UNet.forward).
+U-Net adds to them (sd/models/unet.py, UNet.forward).
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .diffusion import TimeEmbedding, UNetConfig, embed_time, encoder_stages, middle_stage
+from .unet import TimeEmbedding, UNetConfig, embed_time, encoder_stages, middle_stage
 from .layers import Conv2d
 
 # The hint encoder's widths; the last convolution goes on to the U-Net's base width. Those marked 2 halve H and W.

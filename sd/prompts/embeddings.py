@@ -2,7 +2,7 @@
 ("A1111") reads them.
 
 A file's trigger word is its name without the extension (`my-style.pt` is `my-style`, whatever name it holds
-inside); where a prompt has the trigger's tokens, the embedding's vectors stand in their place (sd/prompts.py).
+inside); where a prompt has the trigger's tokens, the embedding's vectors stand in their place (sd/prompts/conditioning.py).
 The files, each one or more vectors of SD 1.5's token width, 768:
 
 - A1111's `.pt` (or `.bin`): {"string_to_param": {"*": (n, 768)}, "name": ..., ...}; old files hold an
@@ -28,7 +28,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .errors import SDError
+from ..errors import SDError
 from .tokenizer import DATA_DIR, load_clip_tokenizer
 
 log = logging.getLogger("sd")

@@ -7,7 +7,7 @@
   `to_q` or the older `query`), whose decoder levels are counted from the lowest resolution.
 
 Each name is turned into the original's by the rules below, then into ours by the checkpoint's converter
-(sd/model_converter.py). sd/model_loader.py loads the files (load_models(vae=...), swap_vae, check_vae).
+(sd/files/converter.py). sd/files/loader.py loads the files (load_models(vae=...), swap_vae, check_vae).
 """
 
 import re
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import SDError
-from .model_converter import OTHER_MODELS, read_checkpoint, target_name
+from ..errors import SDError
+from .converter import OTHER_MODELS, read_checkpoint, target_name
 
 VAE_HINT = "use an SD 1.x VAE such as vae-ft-mse-840000-ema-pruned.safetensors, or leave out --vae"
 VAE_PREFIX = "first_stage_model."  # the VAE's tensors in a checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import NoSettingsError, SDError
+from ..errors import NoSettingsError, SDError
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from . import model_hash
-from .errors import SDError
-from .model_converter import MappedSafetensors
-from .tokenizer import DATA_DIR
+from . import hashes
+from ..errors import SDError
+from .converter import MappedSafetensors
+from ..prompts.tokenizer import DATA_DIR
 
 log = logging.getLogger("sd")
 
@@ -247,8 +247,8 @@ class LoraFile:
         if self.metadata.get("sshs_model_hash"):
             return self.metadata["sshs_model_hash"][:12]
         if self.path.suffix.lower() == ".safetensors":
-            return model_hash.tensor_sha256(self.path)[:12]
-        return model_hash.sha256(self.path)[:12]
+            return hashes.tensor_sha256(self.path)[:12]
+        return hashes.sha256(self.path)[:12]
 
 
 def read_lora(name: str, path: Path) -> LoraFile:

@@ -104,7 +104,7 @@ class GEGLU(nn.Module):
 
     def pack(self) -> None:
         """Keeps the two halves of proj_in, each packed for oneDNN (a packed weight has no halves to take), in
-        place of proj_in, which is dropped (see sd/layers.py, pack_weights)."""
+        place of proj_in, which is dropped (see sd/models/layers.py, pack_weights)."""
         hidden_weight, hidden_bias, gate_weight, gate_bias = self.halves()
         self.packed = pack_linear_weight(hidden_weight), hidden_bias, pack_linear_weight(gate_weight), gate_bias
         del self.proj_in
@@ -234,7 +234,7 @@ class UNet(nn.Module):
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | int,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """`control`: ControlNets' residuals (sd/controlnet.py), one per skip connection and the last for the
+        """`control`: ControlNets' residuals (sd/models/controlnet.py), one per skip connection and the last for the
         middle block, added to them."""
         time = embed_time(self.time_embedding, timesteps, latents, self.config.base_width)
         x = latents

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .attention import SelfAttention
-from .errors import SDError
+from ..errors import SDError
 from .layers import LayerNorm, Linear
-from .tokenizer import EOS_ID
+from ..prompts.tokenizer import EOS_ID
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class CLIP(nn.Module):
         self.final_layer_norm = LayerNorm(config.width)
 
     def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None, clip_skip: int = 1, token_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """`dtype`: the type to compute in (see sd/layers.py); by default that of the weights. `clip_skip`: 1 reads
+        """`dtype`: the type to compute in (see sd/models/layers.py); by default that of the weights. `clip_skip`: 1 reads
         the last layer's output, n the output of the n-th layer from the end, through the final layer norm all
         the same (AUTOMATIC1111's "Clip skip": what some SD 1.5 fine-tunes were trained on). `token_vectors`
         (B, 77, 768): read instead of the tokens' embeddings (textual inversion puts its vectors among them)."""

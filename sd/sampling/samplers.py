@@ -1,8 +1,8 @@
 """Every sampler behind one call, so the pipeline never changes when a sampler is added.
 
 A sampler gets `predict_noise(latents, timestep) -> noise`, the U-Net with guidance applied, and walks from
-pure noise (or a noised input image) to clean latents. Two families: the DDPM family (sd/ddpm.py) walks whole
-training timesteps on the U-Net's own view of the latents; the k-diffusion family (sd/sampling.py) walks noise
+pure noise (or a noised input image) to clean latents. Two families: the DDPM family (sd/sampling/ddpm.py) walks whole
+training timesteps on the U-Net's own view of the latents; the k-diffusion family (sd/sampling/k_diffusion.py) walks noise
 levels sigma, through a Denoiser. Each sampler's steps, starting noise and image-to-image start are those of
 the diffusers scheduler of the same name with SD 1.5's configuration. For inpainting with an ordinary checkpoint,
 a KnownRegion puts the input image's latents back outside the repainted area after every step: here, once for
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .ddpm import AfterStep, NoisePredictor, sample_ddim, sample_ddpm, sample_plms
-from .errors import SDError
-from .sampling import Denoiser, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun, sample_lms, sample_unipc
+from ..errors import SDError
+from .k_diffusion import Denoiser, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun, sample_lms, sample_unipc
 from .schedule import SD15, SigmaSchedule, dpm_solver_schedule, euler_schedule, image_to_image_steps, leading_timesteps
 
 

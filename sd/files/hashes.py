@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import SDError
+from ..errors import SDError
 
 log = logging.getLogger("sd")
 

@@ -6,7 +6,7 @@
 - Chunks: CLIP reads 77 tokens, so the prompt's tokens are cut into chunks of 75, each wrapped in the start and
   end tokens and padded with the end token. A chunk that would be cut at most 20 tokens after a comma is cut
   after that comma instead, so the words after it stay together; `BREAK` starts a new chunk.
-- Textual inversion: an embedding's trigger word (sd/embeddings.py) stands for its vectors, one placeholder token
+- Textual inversion: an embedding's trigger word (sd/prompts/embeddings.py) stands for its vectors, one placeholder token
   each, weighed as the word; they never span two chunks, and replace the placeholders' token vectors.
 - Encoding: each chunk through CLIP on its own; the chunks' vectors one after another, (1, 77k, 768).
 
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .embeddings import Embedding, Triggers
-from .errors import SDError
-from .lora import prompt_text
-from .prompt_schedule import Timeline, prompt_schedule
+from ..errors import SDError
+from ..files.lora import prompt_text
+from .editing import Timeline, prompt_schedule
 from .tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from ..settings import Settings
 
 log = logging.getLogger("sd")
 
@@ -216,7 +216,7 @@ def encode_prompt(models: dict, text: str, clip_skip: int = 1, emphasis: str = "
                   embeddings: Mapping[str, Embedding] | None = None) -> torch.Tensor:
     """The context the U-Net attends to, (1, 77k, 768): each of the prompt's k chunks through the text encoder
     (models["clip"], on its own device; in `dtype`, by default its weights'), emphasis applied, one after another.
-    `embeddings` (sd/embeddings.py): their trigger words in the text stand for their vectors."""
+    `embeddings` (sd/prompts/embeddings.py): their trigger words in the text stand for their vectors."""
     if emphasis not in EMPHASIS_MODES:
         raise SDError(f"unknown emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
     return encode_chunks(models["clip"], *chunk_prompt(text, emphasis, embeddings), clip_skip, emphasis, dtype)
@@ -265,10 +265,10 @@ def apply_emphasis(vectors: torch.Tensor, weights: torch.Tensor, emphasis: str) 
 def guidance_contexts(models: dict, settings: "Settings", num_images: int, guided: bool, timelines: list[Timeline], dtype: torch.dtype | None = None,
                       embeddings: Mapping[str, Embedding] | None = None) -> tuple[list["ContextSchedule"], dict[str, Embedding]]:
     """The context of each sampling pass (one Timeline each: hires fix has two), as the prompt and negative
-    prompt read at each of its steps (sd/prompt_schedule.py); each distinct text is encoded once, now, while
+    prompt read at each of its steps (sd/prompts/editing.py); each distinct text is encoded once, now, while
     the text encoder is loaded, with the `embeddings` it names. And the embeddings placed, by name, in the order
     met: the negative prompt's first (A1111's "TI hashes" name them)."""
-    # the prompt's LoRA tags cut, as A1111 cuts them from the prompt alone (sd/lora.py)
+    # the prompt's LoRA tags cut, as A1111 cuts them from the prompt alone (sd/files/lora.py)
     texts = [settings.negative_prompt] * guided + [prompt_text(settings.prompt)]
     encodings: dict[str, torch.Tensor] = {}
     used: dict[str, Embedding] = {}

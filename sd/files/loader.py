@@ -7,15 +7,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .clip import CLIP, CLIPConfig
-from .controlnet import ControlNet
-from .decoder import Decoder
-from .diffusion import UNet, UNetConfig
-from .encoder import Encoder
-from .errors import SDError
-from .layers import pack_weights, packing_pays
-from .model_converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
-from .vae import VAEConfig
+from ..models.clip import CLIP, CLIPConfig
+from ..models.controlnet import ControlNet
+from ..models.decoder import Decoder
+from ..models.unet import UNet, UNetConfig
+from ..models.encoder import Encoder
+from ..errors import SDError
+from ..models.layers import pack_weights, packing_pays
+from .converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
+from ..models.vae import VAEConfig
 from .vae_file import VAE_PREFIX, read_vae_file, vae_refusal, vae_target
 
 LATENT_FACTOR = 8  # the VAE shrinks each side 8 times
@@ -29,14 +29,14 @@ VAE_MODELS = ("encoder", "decoder")
 
 def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch.float32, vae: str | Path | None = None) -> dict[str, nn.Module]:
     """Returns {"clip", "encoder", "decoder", "diffusion"}, every weight loaded strictly, in eval mode. With `vae`,
-    a VAE file (sd/vae_file.py) stands in for the checkpoint's VAE, which is then never read (nor needed).
+    a VAE file (sd/files/vae_file.py) stands in for the checkpoint's VAE, which is then never read (nor needed).
 
     The U-Net and the decoder hold their weights in `dtype`. On a CPU the text encoder and the VAE encoder,
     which run once per prompt or image, keep the checkpoint's memory-mapped tensors as they are (cast on
-    use, sd/layers.py): their `mapped_parameters` can be handed back to the file after each use
+    use, sd/models/layers.py): their `mapped_parameters` can be handed back to the file after each use
     (`release_mapped`), so that they take no memory while the U-Net and the decoder run. In bf16 on a CPU
     with bf16 instructions, the U-Net's and the decoder's weights are packed in oneDNN's layouts
-    (sd/layers.py, pack_weights).
+    (sd/models/layers.py, pack_weights).
     """
     tensors = read_checkpoint(checkpoint)
     unet_config, vae_config, clip_config = model_configs(tensors, checkpoint)
@@ -53,7 +53,7 @@ def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch
 
 
 def swap_vae(models: dict[str, nn.Module], vae: str | Path) -> None:
-    """Replaces the encoder and the decoder of loaded `models` with those of a VAE file (sd/vae_file.py), on the
+    """Replaces the encoder and the decoder of loaded `models` with those of a VAE file (sd/files/vae_file.py), on the
     decoder's device, in the U-Net's dtype. The file is checked before the old VAE is let go, so that a wrong
     file leaves the models as they were and the two VAEs are never in memory together."""
     config = models["decoder"].config
@@ -161,7 +161,7 @@ CONTEXT_MODELS = {1024: "an SD 2.x ControlNet (1024-wide OpenCLIP text context)"
 def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> ControlNet:
     """An SD 1.5 ControlNet from its original file (.pth, .ckpt or .safetensors; tensors under `control_model.`,
     as in the full ControlLDM checkpoints, or bare), every weight loaded strictly, in eval mode, in `dtype`, packed
-    for oneDNN where the U-Net would be (sd/layers.py, pack_weights)."""
+    for oneDNN where the U-Net would be (sd/models/layers.py, pack_weights)."""
     tensors = read_controlnet(path)
     config = controlnet_config(tensors, path)
     with torch.device("meta"):

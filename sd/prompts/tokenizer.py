@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 CONTEXT_LENGTH = 77  # the text encoder has 77 position embeddings
 BOS_ID = 49406  # <|startoftext|>
 EOS_ID = 49407  # <|endoftext|>, also the padding token SD 1.5 was trained with

@@ -40,7 +40,7 @@ class Decoder(nn.Module):
     def forward(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64) -> torch.Tensor:
         """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w). With `tiled`, latents larger than `tile_size` (a
         multiple of 4) on a side are decoded in overlapping tiles of that many latents, blended as diffusers'
-        enable_tiling() does (sd/tiling.py), so the memory beyond the output is that of one tile; latents no
+        enable_tiling() does (sd/models/tiling.py), so the memory beyond the output is that of one tile; latents no
         larger than one tile are decoded whole, exactly as without `tiled`."""
         if not tiled:
             return self.decode(latents)

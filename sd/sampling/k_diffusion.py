@@ -2,7 +2,7 @@
 
 Each takes `model(x, sigma) -> x0`, a Denoiser, the latents at sigmas[0] and the sigmas (n + 1,) to visit, the
 last 0, and returns the clean latents. The model is only asked at the schedule's own sigmas. Each hands the
-latents after step i, at sigmas[i + 1], to `after_step(i, x)` and goes on with what it returns, as in sd/ddpm.py.
+latents after step i, at sigmas[i + 1], to `after_step(i, x)` and goes on with what it returns, as in sd/sampling/ddpm.py.
 """
 
 from collections.abc import Callable
@@ -12,8 +12,8 @@ import torch
 from numpy.polynomial import Polynomial
 from tqdm.auto import trange
 
-from sd.ddpm import AfterStep, NoisePredictor, NoiseSource, unchanged
-from sd.schedule import SigmaSchedule
+from sd.sampling.ddpm import AfterStep, NoisePredictor, NoiseSource, unchanged
+from sd.sampling.schedule import SigmaSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> estimated x0, a Denoiser
 

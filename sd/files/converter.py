@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from .errors import SDError
+from ..errors import SDError
 
 # Original prefix -> ours. The first one that matches wins.
 PREFIXES = [
@@ -26,7 +26,7 @@ PREFIXES = [
     ("first_stage_model.post_quant_conv.", "decoder.post_quant_conv."),
     ("cond_stage_model.transformer.text_model.", "clip."),
     ("cond_stage_model.transformer.", "clip."),  # checkpoints saved with transformers < 4.18
-    ("control_model.", "controlnet."),  # a ControlNet's file (sd/controlnet.py)
+    ("control_model.", "controlnet."),  # a ControlNet's file (sd/models/controlnet.py)
 ]
 
 # Layer renames, applied in order to the name after its prefix is replaced.
@@ -207,7 +207,7 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
 
     Empties `checkpoint` as it goes, so that each original tensor can be freed once cast (a memory-mapped
     one's pages are handed back). `expected` maps each of our parameter names to its shape; `target` names a
-    key's parameter as target_name does (the VAE files' own layouts have theirs, sd/vae_file.py). Raises
+    key's parameter as target_name does (the VAE files' own layouts have theirs, sd/files/vae_file.py). Raises
     SDError, `refusal` with its {problems} named: every missing, unexpected or misshapen tensor.
     """
     parts: dict[str, dict[int, torch.Tensor]] = {}
@@ -264,7 +264,7 @@ def _assemble(pieces: dict[int, torch.Tensor], shape: torch.Size, dtype: torch.d
         tensor = ordered[0]
     elif any(p.shape[1:] != ordered[0].shape[1:] for p in ordered):
         return None
-    elif ordered[0].is_meta:  # a check of names and shapes (sd/model_loader.py): torch.cat there costs a 1.8 s import
+    elif ordered[0].is_meta:  # a check of names and shapes (sd/files/loader.py): torch.cat there costs a 1.8 s import
         tensor = ordered[0].new_empty((sum(len(p) for p in ordered), *ordered[0].shape[1:]), dtype=dtype)
     else:
         tensor = torch.cat([p.to(dtype) for p in ordered])

@@ -9,8 +9,8 @@ one weight.
 Merging: W + sum of multiplier * scale * dW over the modules that change W, in fp32, cast to W's dtype and laid
 out (packed for oneDNN, channels_last) as W was. The layer's original weight object is kept aside and put back
 afterwards, so that a later render without the LoRA uses exactly the weights of a fresh load; only the changed
-layers are ever copied. The U-Net's packed feed-forward and upsampling layers (sd/diffusion.py GEGLU.pack,
-sd/layers.py Upsample.pack) are changed in their packed forms: halves, and folded kernels (folding is linear).
+layers are ever copied. The U-Net's packed feed-forward and upsampling layers (sd/models/unet.py GEGLU.pack,
+sd/models/layers.py Upsample.pack) are changed in their packed forms: halves, and folded kernels (folding is linear).
 """
 
 import logging
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .diffusion import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
-from .errors import SDError
-from .layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap, unfold_taps
+from ..models.unet import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
+from ..errors import SDError
+from ..models.layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap, unfold_taps
 from .lora import FILE_FIX, LoraFile, LoraTag, Module
 
 log = logging.getLogger("sd")
@@ -275,7 +275,7 @@ def merge_geglu(layer: GEGLU, delta: torch.Tensor, bias_delta: torch.Tensor | No
 def merge_upsample(layer: Upsample, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
     """The packed folded kernels plus the folded change: folding is linear, so fold(W + dW) = fold(W) + fold(dW)."""
     kernels, bias = layer.packed
-    # (C, C, 3, 3) -> 4 x (C, C, 2, 2), in the order of sd/layers.py PARITIES
+    # (C, C, 3, 3) -> 4 x (C, C, 2, 2), in the order of sd/models/layers.py PARITIES
     folded = [kernel for row in fold_taps(delta, dim=2) for kernel in fold_taps(row, dim=3)]
     merged = [(kernel.to_dense().float() + change).to(kernel.dtype).contiguous(memory_format=torch.channels_last) for kernel, change in zip(kernels, folded)]
     if bias_delta is not None:

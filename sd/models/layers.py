@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import cpu_has_bf16
+from ..precision import cpu_has_bf16
 
 _scratch = threading.local()
 
@@ -112,7 +112,7 @@ class Conv2d(nn.Conv2d):
             if x.dtype == weight.dtype:
                 return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
             weight = weight.to_dense()
-        # kernels kept as the checkpoint has them (sd/model_loader.py) are cast channels_last: 1.6x faster here
+        # kernels kept as the checkpoint has them (sd/files/loader.py) are cast channels_last: 1.6x faster here
         return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=x.device.type != "mps"))
 
 

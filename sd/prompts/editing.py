@@ -3,7 +3,7 @@
 - `[from:to:when]` is `from` until step `when`, then `to`; `[to:when]` adds `to` at `when`, `[from::when]` removes
   `from` there. `when` is a step number, or with a decimal point a fraction of the steps (0.5: half way).
 - `[a|b|c]` takes a, b, c, a, ... at successive steps.
-- They nest, and sit inside emphasis brackets, which stay in the text for sd/prompts.py to read.
+- They nest, and sit inside emphasis brackets, which stay in the text for sd/prompts/conditioning.py to read.
 - A prompt that does not follow these rules (a `|` outside brackets, a trailing lone `\\`) is the same text at
   every step; brackets that match nothing above are text.
 

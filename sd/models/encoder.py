@@ -58,7 +58,7 @@ class Encoder(nn.Module):
     def moments(self, image: torch.Tensor, tiled: bool = False, tile_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and the log-variance of the posterior of each latent. With `tiled`, an image larger than
         `tile_size` latents (a multiple of 4; times 8 pixels) on a side is encoded in overlapping tiles whose
-        moments are blended as diffusers' enable_tiling() does (sd/tiling.py), so the memory beyond the result
+        moments are blended as diffusers' enable_tiling() does (sd/models/tiling.py), so the memory beyond the result
         is that of one tile; an image no larger than one tile is encoded whole, exactly as without `tiled`."""
         if tiled:
             check_tile_size(tile_size)

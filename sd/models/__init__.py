@@ -1,0 +1,1 @@
+"""The networks of SD 1.5: CLIP's text encoder, the VAE's encoder and decoder, the U-Net, and their layers."""

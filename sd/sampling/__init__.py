@@ -1,0 +1,1 @@
+"""Noise schedules and the samplers that walk them."""
