@@ -332,7 +332,7 @@ def test_command_records_the_inpainting_in_the_png(tmp_path, monkeypatch, ordina
     monkeypatch.chdir(tmp_path)
     models = ordinary_models if kind == "ordinary" else inpainting_models
     monkeypatch.setattr(cli, "load", lambda checkpoint, vae, device, dtype: models)
-    monkeypatch.setattr(cli, "file_hash", lambda path, what: "0123456789")
+    monkeypatch.setattr(cli, "model_files", lambda checkpoint, vae: {"model_hash": "0123456789", "model": checkpoint.stem})  # not read whole
     photo().save("photo.png")
     disc_mask(64).save("mask.png")
     args = ["--prompt", "a cat", "--input", "photo.png", "--mask", "mask.png", "--steps", 2, "--width", 64, "--height", 64, "--seed", 1]
