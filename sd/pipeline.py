@@ -180,13 +180,14 @@ def generate(
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         calls = total_steps(settings.sampler, settings.steps)
-        with unet_on_device(models["diffusion"], device, idle_device, lora_changes["diffusion"]) as unet, control.guiding(width, height, calls) as guides:
-            predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
-            start_latents = None if pure_noise_start else image_latents
-            x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
-                       karras=settings.karras, eta=settings.eta, known=known)
-        if hires is not None:
-            x = hires_pass(x, settings, hires, seed, models, lora_changes["diffusion"], contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
+        with unet_with_loras(models["diffusion"], device, idle_device, lora_changes["diffusion"]):
+            with on_device(models["diffusion"], device, idle_device) as unet, control.guiding(width, height, calls) as guides:
+                predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
+                start_latents = None if pure_noise_start else image_latents
+                x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
+                           karras=settings.karras, eta=settings.eta, known=known)
+            if hires is not None:
+                x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
 
         with on_device(models["decoder"], device, idle_device) as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
@@ -243,11 +244,11 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, lora_changes: dict, contexts: ContextSchedule, device, idle_device,
+def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device,
                dtypes: tuple, progress: bool, tiled: bool, control: "RenderControl | None" = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
-    afresh from the same seed at the new size, and redrawn by image-to-image (the U-Net with `lora_changes`
-    merged) with the prompt encodings of `contexts`, as the last hires_steps (or steps) of a schedule of
+    afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
+    `contexts`, as the last hires_steps (or steps) of a schedule of
     int(those steps / hires_strength).
     `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles; `control`: the
     render's ControlNets, which guide this pass too, their control images resized to its size. Returns the latents
@@ -270,7 +271,7 @@ def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: 
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
     guiding = control.guiding(target.width, target.height, total_steps(sampler, steps)) if control is not None else nullcontext()
-    with unet_on_device(models["diffusion"], device, idle_device, lora_changes) as unet, guiding as guides:
+    with on_device(models["diffusion"], device, idle_device) as unet, guiding as guides:
         predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype, guides)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
@@ -460,11 +461,13 @@ class on_device:
 
 
 @contextmanager
-def unet_on_device(unet: torch.nn.Module, device, idle_device, lora_changes: dict):
-    """The U-Net on `device` for a sampling pass, with the LoRAs' changes merged (on the device, and taken out
-    before it leaves)."""
-    with on_device(unet, device, idle_device) as placed, merged(lora_changes):
-        yield placed
+def unet_with_loras(unet: torch.nn.Module, device, idle_device, lora_changes: dict):
+    """The U-Net with the LoRAs' changes merged for a render's sampling passes (merged once for both of hires fix's),
+    where it rests between them: on `idle_device` if given (each pass then moves the merged weights to `device`),
+    else on `device`."""
+    unet.to(idle_device if idle_device is not None else device)
+    with merged(lora_changes):
+        yield
 
 
 def release_memory() -> None:

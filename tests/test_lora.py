@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 import cli
 from sd import Settings, generate, load_models
-from sd.files import hashes
+from sd.files import hashes, lora_merge
 from sd.errors import SDError
 from sd.files.lora import LoraLibrary, LoraTag, read_lora, split_tags
 from sd.files.lora_merge import dense_weight, lora_sites, merged, plan_changes
@@ -267,6 +268,25 @@ def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dt
     from_fresh = generate("a red circle", models=fresh, **options)[0]
     assert np.array_equal(np.asarray(after), np.asarray(from_fresh))
     assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(from_fresh, dtype=int)).max() > 10
+
+
+def test_hires_fix_merges_each_layer_once_for_both_passes(tmp_path, monkeypatch):
+    """Both passes of hires fix render with the LoRA (the image equals one with the same changes merged by hand
+    around the whole render), and each changed layer is merged once per render, not once per pass."""
+    models = load_models(DEMO_CHECKPOINT, dtype=torch.float32)
+    save_file(demo_lora(lora_sites(models), seed=1), tmp_path / "one.safetensors")
+    library = LoraLibrary(tmp_path)
+    options = dict(steps=1, seed=3, progress=False, loras=library, hires_scale=1.5, hires_steps=1)
+    merges = Counter()
+    merge = lora_merge.merge
+    monkeypatch.setattr(lora_merge, "merge", lambda layer, changes: (merges.update([layer]), merge(layer, changes)))
+    tagged = generate("a red circle <lora:one:0.8>", models=models, **options)[0]
+    monkeypatch.undo()
+    changes = plan_changes(models, [(LoraTag("one", 0.8, 0.8), read_lora("one", library["one"]))])
+    assert merges.keys() == changes["clip"].keys() | changes["diffusion"].keys() and set(merges.values()) == {1}
+    with merged(changes["clip"]), merged(changes["diffusion"]):
+        by_hand = generate("a red circle", models=models, **options)[0]
+    assert np.array_equal(np.asarray(tagged), np.asarray(by_hand))
 
 
 # Hashes and the infotext

@@ -196,34 +196,33 @@ def saved_state(layer: nn.Module) -> dict:
 
 
 def merge(layer: nn.Module, changes: list[Change]) -> None:
-    """Adds the changes to the layer's weight (and bias), in fp32, and stores the result as the weight was stored.
-    The changes are computed on the CPU, where the LoRA's tensors are (the packed layers that merge in their own
-    form are CPU-only)."""
-    shape = weight_shape(layer)
+    """Adds the changes to an fp32 copy of the layer's weight (and bias), in place, and stores the result as the
+    weight was stored. A packed Upsample's changes are summed apart and folded (merge_upsample). The packed
+    layers that merge in their own form are CPU-only; the others merge on the weight's device."""
+    folded = isinstance(layer, Upsample)
+    total = torch.zeros(weight_shape(layer)) if folded else dense_weight(layer)
     original = None
-    delta = torch.zeros(shape)
+    if any("dora_scale" in change.module.tensors for change in changes):  # DoRA's change depends on W (on the CPU)
+        original = dense_weight(layer) if folded else total.to("cpu", copy=True)
     bias_delta = None
     for change in changes:
         site, module = change.site, change.module
-        if "dora_scale" in module.tensors and original is None:
-            original = dense_weight(layer).cpu()
         part = original[site.rows] if original is not None and site.rows is not None else original
         try:
-            update = module.change(site.shape, part, change.dyn)
+            module.add_to(total[site.rows] if site.rows is not None else total, change.multiplier, part, change.dyn)
         except RuntimeError:  # the factors' shapes do not multiply into this layer's weight
             raise SDError(f"LoRA module {module.name} does not fit SD 1.5's layer of shape {tuple(site.shape)}"
                           f"{other_width(module)}; {FILE_FIX}") from None
-        (delta[site.rows] if site.rows is not None else delta).add_(update, alpha=change.multiplier)
         bias_update = module.bias_change()
         if bias_update is not None:
-            bias_delta = torch.zeros(shape[0]) if bias_delta is None else bias_delta
+            bias_delta = torch.zeros(total.shape[0]) if bias_delta is None else bias_delta
             (bias_delta[site.rows] if site.rows is not None else bias_delta).add_(bias_update, alpha=change.multiplier)
     if isinstance(layer, GEGLU):
-        merge_geglu(layer, delta, bias_delta)
-    elif isinstance(layer, Upsample):
-        merge_upsample(layer, delta, bias_delta)
+        merge_geglu(layer, total, bias_delta)
+    elif folded:
+        merge_upsample(layer, total, bias_delta)
     else:
-        merge_plain(layer, delta, bias_delta)
+        merge_plain(layer, total, bias_delta)
 
 
 def other_width(module: Module) -> str:
@@ -234,7 +233,8 @@ def other_width(module: Module) -> str:
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight in fp32, diffusers' shape (a packed Upsample's 3x3 kernel unfolded from its folded ones)."""
+    """A copy of the layer's weight in fp32, contiguous, diffusers' shape (a packed Upsample's 3x3 kernel unfolded
+    from its folded ones)."""
     if isinstance(layer, GEGLU):
         hidden, _, gate, _ = layer.packed
         return torch.cat([hidden.to_dense(), gate.to_dense()]).float()
@@ -243,12 +243,13 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
         rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
         return unfold_taps(*rows, dim=2)
     weight = layer.weight
-    return (weight.to_dense() if weight.is_mkldnn else weight).float()
+    return (weight.to_dense() if weight.is_mkldnn else weight).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
-def merge_plain(layer: Linear | Conv2d, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+def merge_plain(layer: Linear | Conv2d, total: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """The merged fp32 weight `total` stored as the layer's weight was: its dtype, packed or channels_last."""
     weight = layer.weight
-    merged = (dense_weight(layer) + delta.to(weight.device)).to(weight.dtype)
+    merged = total.to(weight.dtype)
     if weight.is_mkldnn:
         if isinstance(layer, Linear):
             merged = pack_linear_weight(merged)
@@ -261,12 +262,10 @@ def merge_plain(layer: Linear | Conv2d, delta: torch.Tensor, bias_delta: torch.T
         layer.bias = nn.Parameter((layer.bias.float() + bias_delta.to(layer.bias.device)).to(layer.bias.dtype), requires_grad=False)
 
 
-def merge_geglu(layer: GEGLU, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
-    """The packed halves: hidden layer's rows, then the gate's."""
+def merge_geglu(layer: GEGLU, total: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """The merged fp32 weight `total` packed in halves: hidden layer's rows, then the gate's."""
     hidden, hidden_bias, gate, gate_bias = layer.packed
-    halves = []
-    for weight, half in zip((hidden, gate), delta.chunk(2)):
-        halves.append(pack_linear_weight((weight.to_dense().float() + half.to(weight.device)).to(weight.dtype)))
+    halves = [pack_linear_weight(half.to(weight.dtype)) for weight, half in zip((hidden, gate), total.chunk(2))]
     if bias_delta is not None:
         hidden_bias, gate_bias = ((bias.float() + half).to(bias.dtype) for bias, half in zip((hidden_bias, gate_bias), bias_delta.chunk(2)))
     layer.packed = halves[0], hidden_bias, halves[1], gate_bias
