@@ -106,7 +106,7 @@ class RunsCode:
 def test_pickled_callable_is_refused_without_running(tmp_path, capsys):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"a": torch.zeros(1)}, "payload": RunsCode()}, path)
-    with pytest.raises(SDError, match="refusing .*evil.ckpt: it would call print, and a checkpoint must hold only tensors"):
+    with pytest.raises(SDError, match="refusing .*evil.ckpt: it would call builtins.print, and a checkpoint must hold only tensors"):
         load_models(path)
     assert "this must never run" not in capsys.readouterr().out
 

@@ -351,7 +351,7 @@ def write_pickled_callable(path: Path) -> None:
 @pytest.mark.parametrize("name, write, message", [
     ("sdxl.safetensors", write_sdxl_lora, "error: LoRA sdxl: lora_te1_text_model_encoder_layers_0_mlp_fc1 is no layer of SD 1.5: it is an SDXL LoRA"),
     ("cut.safetensors", write_truncated, "error: cannot read LoRA loras/cut.safetensors: the file is truncated"),
-    ("code.pt", write_pickled_callable, "error: LoRA loras/code.pt is refused: it holds posix.mkdir, which could run code"),
+    ("code.pt", write_pickled_callable, "error: refusing loras/code.pt: it would call posix.mkdir, and a LoRA file must hold only tensors"),
     ("missing.safetensors", lambda path: None, "error: LoRA 'missing' not found in loras: put missing.safetensors there"),
 ])
 def test_bad_loras_are_one_line_exit_2_before_sampling(command_environment, name, write, message):

@@ -178,10 +178,9 @@ def _read_pickle(path: Path, hint: str) -> dict[str, torch.Tensor]:
     try:
         # weights_only refuses anything but tensors and plain containers: a pickle cannot run code here.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))  # an unknown global, or one of a blocked module
-        what = f"it would call {found.group(1)}" if found else "it holds more than tensors"
-        raise SDError(f"refusing {path}: {what}, and a checkpoint must hold only tensors; use a .safetensors file from a trusted source") from None
+    except pickle.UnpicklingError:
+        refuse_code(str(path), path, "a checkpoint", PICKLE_FIX)
+        raise SDError(f"refusing {path}: it holds more than tensors, and a checkpoint must hold only tensors; {PICKLE_FIX}") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise SDError(f"cannot read {path} ({_first_line(error)}): the file is truncated or damaged; download it again") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -190,6 +189,21 @@ def _read_pickle(path: Path, hint: str) -> dict[str, torch.Tensor]:
         raise SDError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of tensors; {hint}")
     # torch.load(mmap=True) maps the file privately (its default), so the tensors are file pages too
     return MappedCheckpoint((key, value) for key, value in checkpoint.items() if isinstance(value, torch.Tensor))
+
+
+PICKLE_FIX = "use a .safetensors file from a trusted source"
+
+
+def refuse_code(source, path: Path, what: str, fix: str, allowed: tuple[str, ...] = ()) -> None:
+    """Raises an SDError naming the callables (globals) that the pickled file `source` (a path or a file object)
+    holds beyond tensors and `allowed`: what weights_only refused. The pickle is read as data, never run."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+    except Exception:  # not a readable PyTorch file at all: the caller says so
+        return
+    unsafe = [name for name in unsafe if name not in allowed]
+    if unsafe:
+        raise SDError(f"refusing {path}: it would call {', '.join(unsafe)}, and {what} must hold only tensors; {fix}")
 
 
 def _first_line(error: Exception) -> str:

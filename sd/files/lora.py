@@ -38,7 +38,7 @@ import torch
 
 from . import hashes
 from ..errors import SDError
-from .converter import MappedSafetensors
+from .converter import MappedSafetensors, refuse_code
 from ..prompts.tokenizer import DATA_DIR
 
 log = logging.getLogger("sd")
@@ -302,7 +302,7 @@ def read_tensors(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, str]
         # weights_only: tensors and plain containers; anything else is refused before it runs
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        refuse_code(path)
+        refuse_code(str(path), path, "a LoRA file", FILE_FIX)
         raise SDError(f"cannot read LoRA {path}: it is damaged or not a PyTorch file; download it again") from None
     except Exception as error:  # a damaged file fails in many ways, each an error of the reader's own
         raise SDError(f"cannot read LoRA {path}: it is damaged ({error.__class__.__name__}); download it again") from None
@@ -311,17 +311,6 @@ def read_tensors(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, str]
     if not isinstance(loaded, dict):
         raise SDError(f"LoRA {path} holds a {type(loaded).__name__}, not a dictionary of tensors; {FILE_FIX}")
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}, {}
-
-
-def refuse_code(path: Path) -> None:
-    """Raises an SDError naming what, beyond tensors, a pickled file would have called (its globals, read as data)."""
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a readable PyTorch file at all: the caller says so
-        return
-    if unsafe:
-        raise SDError(f"LoRA {path} is refused: it holds {', '.join(unsafe)}, which could run code, and sd reads only tensors "
-                      f"from .pt and .ckpt files; {FILE_FIX}")
 
 
 # diffusers' and peft's names: component, module, and the factor (peft lora_A/lora_B, diffusers' lora.down/lora.up,

@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 
 from ..errors import SDError
+from ..files.converter import refuse_code
 from .tokenizer import DATA_DIR, load_clip_tokenizer
 
 log = logging.getLogger("sd")
@@ -106,25 +107,13 @@ def read_tensors(path: Path, data: bytes) -> dict:
         with torch.serialization.safe_globals([torch.nn.ParameterDict]):
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        refuse_code(path, data)
+        refuse_code(io.BytesIO(data), path, "an embedding", FILE_FIX, allowed=("torch.nn.modules.container.ParameterDict",))
         raise SDError(f"cannot read embedding {path}: it is damaged or not a PyTorch file; {FILE_FIX}") from None
     except Exception as error:  # a damaged file fails in many ways, each an error of the reader's own
         raise SDError(f"cannot read embedding {path}: it is damaged ({error.__class__.__name__}); {FILE_FIX}") from None
     if not isinstance(loaded, dict):
         raise SDError(f"{path} holds a {type(loaded).__name__}, not an embedding's dictionary: {FILE_FIX}")
     return loaded
-
-
-def refuse_code(path: Path, data: bytes) -> None:
-    """Raises an SDError naming what, beyond tensors, a pickled file would have run (its globals, read as data)."""
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-    except Exception:  # not a readable PyTorch file at all: the caller says so
-        return
-    unsafe = [name for name in unsafe if name != "torch.nn.modules.container.ParameterDict"]
-    if unsafe:
-        raise SDError(f"embedding {path} is refused: it holds {', '.join(unsafe)}, which could run code, and sd reads "
-                      f"only tensors from .pt and .bin files; {FILE_FIX}")
 
 
 def embedding_vectors(path: Path, tensors: dict) -> torch.Tensor | None:
