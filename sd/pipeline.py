@@ -24,6 +24,7 @@ from .models.layers import release_scratch, trim_heap
 from .files.lora import LoraLibrary, prompt_loras, warn_of_other_networks
 from .files.lora_merge import merged, plan_changes
 from .memory import Render, out_of_memory_as_error, plan_vae_tiling
+from .files import DATA_DIR, DEMO_CHECKPOINT
 from .files.hashes import old_hash
 from .files.loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
 from .precision import compute_dtype, vae_dtype, weights_dtype
@@ -34,10 +35,8 @@ from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
 
 log = logging.getLogger("sd")
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CHECKPOINTS = [DATA_DIR / f"v1-5-pruned-emaonly{suffix}" for suffix in (".safetensors", ".ckpt")]
 # Trained by sd/training on drawn shapes; used when no SD 1.5 checkpoint is given or found.
-DEMO_CHECKPOINT = DATA_DIR / "sd-demo.safetensors"
 DEMO_NAME = "demo"  # what --checkpoint takes for it
 CHECKPOINT_HELP = (
     "get SD 1.5 (v1-5-pruned-emaonly.safetensors from the Stable Diffusion 1.5 release) "

@@ -7,7 +7,6 @@ merge adds the change to the fp32 weight in fp32, so they agree to fp32 rounding
 """
 
 import hashlib
-import json
 import logging
 import os
 from collections import Counter

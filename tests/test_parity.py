@@ -14,7 +14,6 @@ real mistake (a wrong norm epsilon or a swapped projection gives errors of order
 
 import gc
 
-import pytest
 import torch
 from reference import reference_clip, reference_unet
 

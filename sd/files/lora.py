@@ -39,7 +39,7 @@ import torch
 from . import hashes
 from ..errors import SDError
 from .converter import MappedSafetensors, refuse_code
-from ..prompts.tokenizer import DATA_DIR
+from . import DATA_DIR
 
 log = logging.getLogger("sd")
 

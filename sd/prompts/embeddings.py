@@ -30,7 +30,8 @@ import torch
 
 from ..errors import SDError
 from ..files.converter import refuse_code
-from .tokenizer import DATA_DIR, load_clip_tokenizer
+from ..files import DATA_DIR
+from .tokenizer import load_clip_tokenizer
 
 log = logging.getLogger("sd")
 

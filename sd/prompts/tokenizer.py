@@ -2,11 +2,11 @@
 
 import warnings
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+from ..files import DATA_DIR
+
 CONTEXT_LENGTH = 77  # the text encoder has 77 position embeddings
 BOS_ID = 49406  # <|startoftext|>
 EOS_ID = 49407  # <|endoftext|>, also the padding token SD 1.5 was trained with

@@ -22,14 +22,13 @@ from ..models.clip import CLIP, CLIPConfig
 from ..models.decoder import Decoder
 from ..models.unet import UNet, UNetConfig
 from ..models.encoder import Encoder
+from ..files import DEMO_CHECKPOINT
 from ..files.converter import write_original_checkpoint
 from ..sampling.schedule import SD15
 from ..prompts.tokenizer import BOS_ID, EOS_ID, encode
 from ..models.vae import VAEConfig
 from .world import every_caption, random_batch, random_vae_batch
 
-DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
-DEMO_CHECKPOINT = DATA_DIR / "sd-demo.safetensors"
 
 
 @dataclass(frozen=True)
