@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from PIL import Image
 
 from sd.files import hashes
-from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit
+from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit, cached_controlnets
 from sd.batch import Job, save_png
 from sd.cluster import render_batch
 from sd.prompts.embeddings import Embedding, infotext_name, load_embeddings
@@ -27,7 +27,7 @@ from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.files.metadata import read_infotext_of
 from sd.files.loader import check_vae, image_size, read_controlnet
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_controlnets, cached_models, find_checkpoint, generate, pick_device
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.sampling.samplers import SAMPLERS, karras_by_default
 from sd.prompts.conditioning import EMPHASIS_MODES

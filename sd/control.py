@@ -8,7 +8,9 @@ Lanczos as diffusers resizes it; a preprocessor then runs on the resized image.
 """
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,10 @@ import torch
 from PIL import Image
 
 from .errors import SDError
+from .files.hashes import old_hash
+from .files.loader import load_controlnet, read_controlnet
+from .memory import kept_loaded, on_device
+from .models.controlnet import Control, ControlNet, Guide, compatible
 
 # Preprocessors that need no model of their own. canny: OpenCV's Canny edge detector, the one the original
 # ControlNet's annotator runs (thresholds 100 and 200 in its demo); none: the image is the map already.
@@ -25,6 +31,9 @@ RESIZE_MODE = "Just Resize"
 # guided; diffusers' scales, not the extension's 0.825 ** (12 - i))
 CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
 FIELD_NAME = re.compile(r"^ControlNet \d+$")
+
+# The ControlNets of the last render that used any: (path, device, dtype) -> ControlNet.
+_loaded_controlnets: dict[tuple, ControlNet] = {}
 
 
 @dataclass(frozen=True)
@@ -107,3 +116,58 @@ def canny(pixels: np.ndarray, low: int, high: int) -> np.ndarray:
 
     edges = cv2.Canny(pixels, low, high)  # (H, W, 3) -> (H, W), 0 or 255
     return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def check_control(units: Sequence[ControlNetUnit], images: int, controlnets: Sequence[ControlNet] | None) -> None:
+    """The checks that need no model: one control image for each ControlNet, and each ControlNet's file an SD 1.5
+    ControlNet (its header alone is read)."""
+    if images != len(units):
+        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {images} images")
+    if controlnets is not None and len(controlnets) != len(units):
+        raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
+    if controlnets is None:
+        for unit in units:
+            read_controlnet(unit.model)
+
+
+def check_controlnets_fit(controlnets: Sequence[ControlNet], unet: torch.nn.Module) -> None:
+    for controlnet in controlnets:
+        if not compatible(controlnet, unet.config):
+            raise SDError("the ControlNet was made for another U-Net than the checkpoint's (its widths or text context differ): "
+                          "use an SD 1.5 ControlNet with an SD 1.5 checkpoint")
+
+
+def recorded_unit(unit: ControlNetUnit) -> ControlNetUnit:
+    """The unit as an image records it: with its file's hash, where the file is there to read."""
+    if unit.model_hash is None and Path(unit.model).is_file():
+        return replace(unit, model_hash=old_hash(unit.model))
+    return unit
+
+
+def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtype) -> list[ControlNet]:
+    """The ControlNets of these files, loaded once for later renders with the same ones; the others are dropped."""
+    keys = [(Path(path).resolve(), device, dtype) for path in paths]
+    return kept_loaded(_loaded_controlnets, keys, lambda key: load_controlnet(key[0], device=device, dtype=dtype))
+
+
+class RenderControl:
+    """The ControlNets of a render and their control images, which guide each sampling pass at its own size."""
+
+    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], device, idle_device, dtype: torch.dtype):
+        self.units, self.controlnets, self.images = units, controlnets, images
+        self.device, self.idle_device, self.dtype = device, idle_device, dtype
+
+    @contextmanager
+    def guiding(self, width: int, height: int, calls: int):
+        """The guidance of a pass of `calls` U-Net calls at width x height (None without ControlNets), the
+        ControlNets on the device meanwhile; their control images' features are computed once for the pass."""
+        if not self.units:
+            yield None
+            return
+        with ExitStack() as stack:
+            guides = []
+            for controlnet, image, unit in zip(self.controlnets, self.images, self.units):
+                controlnet = stack.enter_context(on_device(controlnet, self.device, self.idle_device))
+                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.device, self.dtype))
+                guides.append(Guide(controlnet, hint, unit.strength, unit.start, unit.end, unit.guess_mode))
+            yield Control(guides, calls)

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,19 +14,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .control import ControlNetUnit, control_image
-from .models.controlnet import Control, ControlNet, Guide, compatible
+from .control import RenderControl, cached_controlnets, check_control, check_controlnets_fit, recorded_unit
+from .models.controlnet import Control, ControlNet
 from .prompts.embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
-from .models.layers import release_scratch, trim_heap
 from .files.lora import LoraLibrary, prompt_loras, warn_of_other_networks
 from .files.lora_merge import merged, plan_changes
-from .memory import Render, out_of_memory_as_error, plan_vae_tiling
+from .memory import Render, kept_loaded, on_device, out_of_memory_as_error, plan_vae_tiling
 from .files import DATA_DIR, DEMO_CHECKPOINT
-from .files.hashes import old_hash
-from .files.loader import LATENT_FACTOR, image_size, load_controlnet, load_models, read_controlnet, release_mapped
+from .files.loader import LATENT_FACTOR, image_size, load_models
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompts.editing import Timeline
 from .prompts.conditioning import ContextSchedule, guidance_contexts
@@ -49,8 +47,6 @@ DEMO_NOTICE = (
 
 # The models of the last checkpoint loaded, reused by later calls: (path, device, dtype, VAE file) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
-# The ControlNets of the last render that used any, likewise: (path, device, dtype) -> ControlNet.
-_loaded_controlnets: dict[tuple, ControlNet] = {}
 
 
 def generate(
@@ -114,7 +110,8 @@ def generate(
     dtype = weights_dtype(dtype, device)
     # the images and the mask are read and checked before the models load, so a mistake costs no waiting
     source = read_image(input_image, "input image") if input_image is not None else None
-    control_sources = check_control(settings, control_images, controlnet_models)
+    check_control(settings.controlnets, len(control_images), controlnet_models)
+    control_sources = [read_image(image, "control image") for image in control_images]
     lora_files = prompt_loras(settings.prompt, loras if loras is not None else LoraLibrary())
     warn_of_other_networks(settings.prompt)
     if models is None and (settings.width is None or settings.height is None):
@@ -244,7 +241,7 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
 
 
 def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device,
-               dtypes: tuple, progress: bool, tiled: bool, control: "RenderControl | None" = None) -> torch.Tensor:
+               dtypes: tuple, progress: bool, tiled: bool, control: RenderControl | None = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
     afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
     `contexts`, as the last hires_steps (or steps) of a schedule of
@@ -285,70 +282,6 @@ def upscale_decoded(latents: torch.Tensor, upscaler: PixelUpscaler, target: Targ
     latent_shape = (len(latents), 4, *target.latent_size)
     with on_device(models["encoder"], device, idle_device) as encoder:
         return encode_image(encoder, images, generator, latent_shape, device, vae, tiled)
-
-
-def check_control(settings: Settings, images: Sequence, controlnets: Sequence[ControlNet] | None) -> list[Image.Image]:
-    """The control images, read, after the checks that need no model: one image for each ControlNet, and each
-    ControlNet's file an SD 1.5 ControlNet (its header alone is read)."""
-    units = settings.controlnets
-    if len(images) != len(units):
-        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {len(images)} images")
-    if controlnets is not None and len(controlnets) != len(units):
-        raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
-    sources = [read_image(image, "control image") for image in images]
-    if controlnets is None:
-        for unit in units:
-            read_controlnet(unit.model)
-    return sources
-
-
-def check_controlnets_fit(controlnets: Sequence[ControlNet], unet: torch.nn.Module) -> None:
-    for controlnet in controlnets:
-        if not compatible(controlnet, unet.config):
-            raise SDError("the ControlNet was made for another U-Net than the checkpoint's (its widths or text context differ): "
-                          "use an SD 1.5 ControlNet with an SD 1.5 checkpoint")
-
-
-def recorded_unit(unit: ControlNetUnit) -> ControlNetUnit:
-    """The unit as an image records it: with its file's hash, where the file is there to read."""
-    if unit.model_hash is None and Path(unit.model).is_file():
-        return replace(unit, model_hash=old_hash(unit.model))
-    return unit
-
-
-def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtype) -> list[ControlNet]:
-    """The ControlNets of these files, loaded once for later renders with the same ones; the others are dropped."""
-    keys = [(Path(path).resolve(), device, dtype) for path in paths]
-    kept = {key: _loaded_controlnets[key] for key in keys if key in _loaded_controlnets}
-    _loaded_controlnets.clear()
-    for key in keys:
-        if key not in kept:
-            kept[key] = load_controlnet(key[0], device=device, dtype=dtype)
-    _loaded_controlnets.update(kept)
-    return [kept[key] for key in keys]
-
-
-class RenderControl:
-    """The ControlNets of a render and their control images, which guide each sampling pass at its own size."""
-
-    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], device, idle_device, dtype: torch.dtype):
-        self.units, self.controlnets, self.images = units, controlnets, images
-        self.device, self.idle_device, self.dtype = device, idle_device, dtype
-
-    @contextmanager
-    def guiding(self, width: int, height: int, calls: int):
-        """The guidance of a pass of `calls` U-Net calls at width x height (None without ControlNets), the
-        ControlNets on the device meanwhile; their control images' features are computed once for the pass."""
-        if not self.units:
-            yield None
-            return
-        with ExitStack() as stack:
-            guides = []
-            for controlnet, image, unit in zip(self.controlnets, self.images, self.units):
-                controlnet = stack.enter_context(on_device(controlnet, self.device, self.idle_device))
-                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.device, self.dtype))
-                guides.append(Guide(controlnet, hint, unit.strength, unit.start, unit.end, unit.guess_mode))
-            yield Control(guides, calls)
 
 
 def is_inpainting_model(unet: torch.nn.Module) -> bool:
@@ -433,30 +366,9 @@ def image_dimensions(width: int | None, height: int | None, models: dict | None,
 
 def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype, vae: Path | None = None) -> dict[str, torch.nn.Module]:
     """The models of `checkpoint` (see find_checkpoint), with the VAE file `vae` if given, loaded once for all
-    later calls with the same files."""
-    path = Path(checkpoint)
-    key = (path.resolve(), device, dtype, Path(vae).resolve() if vae is not None else None)
-    if key not in _loaded:
-        _loaded.clear()  # one checkpoint in memory at a time
-        _loaded[key] = load_models(path, device=device, dtype=dtype, vae=vae)
-    return _loaded[key]
-
-
-class on_device:
-    """Moves a model to `device` for a stage; once the stage is done, to `idle_device` (if given), and hands its
-    memory-mapped weights back to the file (sd/files/loader.py)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, idle_device):
-        self.model, self.device, self.idle_device = model, device, idle_device
-
-    def __enter__(self) -> torch.nn.Module:
-        return self.model.to(self.device)
-
-    def __exit__(self, *exc) -> None:
-        if self.idle_device is not None:
-            self.model.to(self.idle_device)
-        release_mapped(self.model)
-        release_memory()
+    later calls with the same files; one checkpoint in memory at a time."""
+    key = (Path(checkpoint).resolve(), device, dtype, Path(vae).resolve() if vae is not None else None)
+    return kept_loaded(_loaded, [key], lambda key: load_models(checkpoint, device=device, dtype=dtype, vae=vae))[0]
 
 
 @contextmanager
@@ -467,14 +379,6 @@ def unet_with_loras(unet: torch.nn.Module, device, idle_device, lora_changes: di
     unet.to(idle_device if idle_device is not None else device)
     with merged(lora_changes):
         yield
-
-
-def release_memory() -> None:
-    """Gives back what a finished stage freed, so that it does not add to the next stage's peak: the weight
-    cast buffers (118 MB for the U-Net in fp32) and, with glibc, the heap pages that the stage's many
-    temporaries leave behind (0.3 GiB after a 512x512 U-Net run on CPU)."""
-    release_scratch()
-    trim_heap()
 
 
 def read_image(image: Image.Image | str | Path, what: str) -> Image.Image:

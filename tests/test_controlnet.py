@@ -196,11 +196,11 @@ def test_every_sampler_image_to_image_inpainting_and_two_controlnets(demo, small
 
 
 def test_hires_fix_is_guided_in_both_passes(demo, small_controlnet, small_loaded, monkeypatch):
-    from sd import pipeline
+    from sd import control
 
     sizes = []
-    original = pipeline.control_image
-    monkeypatch.setattr(pipeline, "control_image", lambda image, unit, width, height: sizes.append((width, height)) or original(image, unit, width, height))
+    original = control.control_image
+    monkeypatch.setattr(control, "control_image", lambda image, unit, width, height: sizes.append((width, height)) or original(image, unit, width, height))
     hires = dict(hires_scale=2, hires_steps=1, sampler="euler")
     controlled = render(demo, [small_controlnet], [small_loaded], **hires)
     assert sizes == [(64, 64), (128, 128)] and controlled.shape == (128, 128, 3)

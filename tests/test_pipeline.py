@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sd import SDError, generate
-from sd import pipeline
+from sd import memory, pipeline
 
 SMALL = dict(width=64, height=64, steps=2, progress=False)
 
@@ -116,6 +116,6 @@ def test_unreadable_input_image_is_refused(models, tmp_path):
 
 def test_idle_device_receives_each_model_after_its_stage():
     model = torch.nn.Linear(2, 2)
-    with pipeline.on_device(model, torch.device("cpu"), idle_device="meta") as active:
+    with memory.on_device(model, torch.device("cpu"), idle_device="meta") as active:
         assert active.weight.device.type == "cpu"
     assert model.weight.device.type == "meta"

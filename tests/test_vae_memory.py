@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sd.models.layers import Upsample
 from sd.models.layers import _scratch, cast_to, release_scratch
-from sd.pipeline import release_memory
+from sd.memory import release_memory
 
 
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
