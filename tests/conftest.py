@@ -57,6 +57,27 @@ def command_environment(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def ctrl_c_at_png(monkeypatch):
+    """stop(n): Ctrl+C (KeyboardInterrupt) while the n-th PNG is moved into place (os.replace, as sd writes every
+    image), from then on; stop(None): images are written as usual again."""
+    real_replace = os.replace
+
+    def stop(number: int | None) -> None:
+        renamed = []
+
+        def replace_then_stop(source, target):
+            if str(target).endswith(".png"):
+                renamed.append(target)
+                if len(renamed) == number:
+                    raise KeyboardInterrupt
+            real_replace(source, target)
+
+        monkeypatch.setattr(os, "replace", real_replace if number is None else replace_then_stop)
+
+    return stop
+
+
 @pytest.fixture(scope="module")
 def vae(safetensors_checkpoint):
     """diffusers' AutoencoderKL on the random checkpoint's weights, the reference for our VAE."""

@@ -229,22 +229,12 @@ def test_image_to_image_with_a_random_seed(safetensors_checkpoint, tmp_path):
         assert fields["Seed"] == str(seed + number - 1)
 
 
-def test_an_interrupted_batch_keeps_its_images_and_resumes(safetensors_checkpoint, tmp_path, monkeypatch):
+def test_an_interrupted_batch_keeps_its_images_and_resumes(safetensors_checkpoint, tmp_path, ctrl_c_at_png, monkeypatch):
     Path("prompts.txt").write_text("# three prompts\na red apple\n\nA green pear!\n  a yellow banana  \n")
     args = ["--prompts-file", "prompts.txt", "--seed", 7, "--cfg", 1, "--outdir", "fruit", "--checkpoint", safetensors_checkpoint, *SMALL]
-    real_replace, pngs_renamed = os.replace, []
-
-    def replace_then_stop(source, target):
-        # Ctrl+C while the second image is being saved: the first must stay, no temporary file may.
-        if str(target).endswith(".png"):
-            pngs_renamed.append(target)
-            if len(pngs_renamed) == 2:
-                raise KeyboardInterrupt
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", replace_then_stop)
+    ctrl_c_at_png(2)  # Ctrl+C while the second image is being saved: the first must stay, no temporary file may
     result = sd(*args)
-    monkeypatch.setattr(os, "replace", real_replace)
+    ctrl_c_at_png(None)
     assert result.exit_code == 130
     assert "interrupted: 1 of 3 images saved; run the same command with --seed 7" in result.stderr
     assert "Traceback" not in result.output

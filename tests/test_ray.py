@@ -113,19 +113,10 @@ def test_a_job_whose_worker_dies_every_time_is_named_and_the_rest_complete(ray_c
     assert sorted(path.name for path in Path("doomed").iterdir()) == ["00000-10-a-red-circle-on-the-left.png", "00002-12-a-red-circle-on-the-left.png"]
 
 
-def test_an_interrupted_batch_keeps_its_images_and_the_rerun_makes_only_the_rest(ray_cluster, sequential, monkeypatch):
-    real_replace, renamed = os.replace, []
-
-    def replace_then_stop(source, target):  # Ctrl+C while the third image is being written
-        if str(target).endswith(".png"):
-            renamed.append(target)
-            if len(renamed) == 3:
-                raise KeyboardInterrupt
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", replace_then_stop)
+def test_an_interrupted_batch_keeps_its_images_and_the_rerun_makes_only_the_rest(ray_cluster, sequential, ctrl_c_at_png):
+    ctrl_c_at_png(3)  # Ctrl+C while the third image is being written
     result = sd(*BATCH, "--outdir", "images", "--ray")
-    monkeypatch.setattr(os, "replace", real_replace)
+    ctrl_c_at_png(None)
     assert result.exit_code == 130, result.output
     assert "interrupted: 2 of 8 images saved; run the same command with --seed 10" in result.stderr
     assert len(list(Path("images").iterdir())) == 2  # and no temporary file
