@@ -278,7 +278,7 @@ def test_hires_fix_merges_each_layer_once_for_both_passes(tmp_path, monkeypatch)
     options = dict(steps=1, seed=3, progress=False, loras=library, hires_scale=1.5, hires_steps=1)
     merges = Counter()
     merge = lora_merge.merge
-    monkeypatch.setattr(lora_merge, "merge", lambda layer, changes: (merges.update([layer]), merge(layer, changes)))
+    monkeypatch.setattr(lora_merge, "merge", lambda layer, *args: (merges.update([layer]), merge(layer, *args)))
     tagged = generate("a red circle <lora:one:0.8>", models=models, **options)[0]
     monkeypatch.undo()
     changes = plan_changes(models, [(LoraTag("one", 0.8, 0.8), read_lora("one", library["one"]))])

@@ -174,11 +174,11 @@ def plan_changes(models: dict[str, nn.Module], loras: list[tuple[LoraTag, LoraFi
 @contextmanager
 def merged(changes: dict[nn.Module, list[Change]]):
     """The layers changed for the duration of the block, then given back their original weight objects."""
-    originals = {}
+    originals, scratch = {}, Scratch()
     try:
         for layer, layer_changes in changes.items():
             originals[layer] = saved_state(layer)
-            merge(layer, layer_changes)
+            merge(layer, layer_changes, scratch)
         yield
     finally:
         for layer, state in originals.items():
@@ -188,6 +188,21 @@ def merged(changes: dict[nn.Module, list[Change]]):
             trim_heap()  # the merged copies' memory back to the system
 
 
+class Scratch:
+    """One fp32 buffer on the CPU for every layer's merged weight in turn: fresh memory for each would be faulted in
+    and zeroed by the system anew, about a third of a LoRA's merging time on a CPU."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0)
+
+    def take(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":  # a GPU's caching allocator reuses memory already
+            return torch.empty(shape, device=device)
+        if self.buffer.numel() < shape.numel():
+            self.buffer = torch.empty(shape.numel())
+        return self.buffer[: shape.numel()].view(shape)
+
+
 def saved_state(layer: nn.Module) -> dict:
     """The attributes that hold the layer's weights (the objects themselves: they are replaced, never changed)."""
     if isinstance(layer, (GEGLU, Upsample)):
@@ -195,12 +210,12 @@ def saved_state(layer: nn.Module) -> dict:
     return {"weight": layer.weight, "bias": layer.bias}
 
 
-def merge(layer: nn.Module, changes: list[Change]) -> None:
+def merge(layer: nn.Module, changes: list[Change], scratch: Scratch) -> None:
     """Adds the changes to an fp32 copy of the layer's weight (and bias), in place, and stores the result as the
     weight was stored. A packed Upsample's changes are summed apart and folded (merge_upsample). The packed
     layers that merge in their own form are CPU-only; the others merge on the weight's device."""
     folded = isinstance(layer, Upsample)
-    total = torch.zeros(weight_shape(layer)) if folded else dense_weight(layer)
+    total = torch.zeros(weight_shape(layer)) if folded else dense_weight(layer, scratch)
     original = None
     if any("dora_scale" in change.module.tensors for change in changes):  # DoRA's change depends on W (on the CPU)
         original = dense_weight(layer) if folded else total.to("cpu", copy=True)
@@ -232,24 +247,29 @@ def other_width(module: Module) -> str:
     return f": its input is {widths.pop()} wide, {found[0]}" if found else ""
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
+def dense_weight(layer: nn.Module, scratch: Scratch | None = None) -> torch.Tensor:
     """A copy of the layer's weight in fp32, contiguous, diffusers' shape (a packed Upsample's 3x3 kernel unfolded
-    from its folded ones)."""
-    if isinstance(layer, GEGLU):
-        hidden, _, gate, _ = layer.packed
-        return torch.cat([hidden.to_dense(), gate.to_dense()]).float()
+    from its folded ones), in `scratch` where given."""
     if isinstance(layer, Upsample):
         kernels = [kernel.to_dense().float() for kernel in layer.packed[0]]
         rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
         return unfold_taps(*rows, dim=2)
-    weight = layer.weight
-    return (weight.to_dense() if weight.is_mkldnn else weight).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    # a GEGLU's packed halves one above the other, or the weight
+    parts = layer.packed[::2] if isinstance(layer, GEGLU) else [layer.weight]
+    parts = [part.to_dense() if part.is_mkldnn else part for part in parts]
+    shape = torch.Size([sum(len(part) for part in parts), *parts[0].shape[1:]])
+    copy = scratch.take(shape, parts[0].device) if scratch is not None else torch.empty(shape, device=parts[0].device)
+    rows = 0
+    for part in parts:
+        copy[rows : rows + len(part)].copy_(part)
+        rows += len(part)
+    return copy
 
 
 def merge_plain(layer: Linear | Conv2d, total: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
     """The merged fp32 weight `total` stored as the layer's weight was: its dtype, packed or channels_last."""
     weight = layer.weight
-    merged = total.to(weight.dtype)
+    merged = total.to(weight.dtype, copy=True)  # never the scratch buffer itself
     if weight.is_mkldnn:
         if isinstance(layer, Linear):
             merged = pack_linear_weight(merged)
@@ -265,7 +285,7 @@ def merge_plain(layer: Linear | Conv2d, total: torch.Tensor, bias_delta: torch.T
 def merge_geglu(layer: GEGLU, total: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
     """The merged fp32 weight `total` packed in halves: hidden layer's rows, then the gate's."""
     hidden, hidden_bias, gate, gate_bias = layer.packed
-    halves = [pack_linear_weight(half.to(weight.dtype)) for weight, half in zip((hidden, gate), total.chunk(2))]
+    halves = [pack_linear_weight(half.to(weight.dtype, copy=True)) for weight, half in zip((hidden, gate), total.chunk(2))]
     if bias_delta is not None:
         hidden_bias, gate_bias = ((bias.float() + half).to(bias.dtype) for bias, half in zip((hidden_bias, gate_bias), bias_delta.chunk(2)))
     layer.packed = halves[0], hidden_bias, halves[1], gate_bias
