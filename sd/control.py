@@ -153,9 +153,9 @@ def cached_controlnets(paths: list[str], device: torch.device, dtype: torch.dtyp
 class RenderControl:
     """The ControlNets of a render and their control images, which guide each sampling pass at its own size."""
 
-    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], device, idle_device, dtype: torch.dtype):
+    def __init__(self, units: Sequence[ControlNetUnit], controlnets: Sequence[ControlNet], images: list[Image.Image], stages):
         self.units, self.controlnets, self.images = units, controlnets, images
-        self.device, self.idle_device, self.dtype = device, idle_device, dtype
+        self.stages = stages  # sd/pipeline.py Stages: where and in which dtype the ControlNets run
 
     @contextmanager
     def guiding(self, width: int, height: int, calls: int):
@@ -167,7 +167,7 @@ class RenderControl:
         with ExitStack() as stack:
             guides = []
             for controlnet, image, unit in zip(self.controlnets, self.images, self.units):
-                controlnet = stack.enter_context(on_device(controlnet, self.device, self.idle_device))
-                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.device, self.dtype))
+                controlnet = stack.enter_context(on_device(controlnet, self.stages.device, self.stages.idle_device))
+                hint = controlnet.encode_hint(control_image(image, unit, width, height).to(self.stages.device, self.stages.dtype))
                 guides.append(Guide(controlnet, hint, unit.strength, unit.start, unit.end, unit.guess_mode))
             yield Control(guides, calls)

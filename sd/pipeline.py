@@ -6,7 +6,7 @@ import os
 import random
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,6 +47,22 @@ DEMO_NOTICE = (
 
 # The models of the last checkpoint loaded, reused by later calls: (path, device, dtype, VAE file) -> models.
 _loaded: dict[tuple, dict[str, torch.nn.Module]] = {}
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A render's models and how each stage runs one: on `device`, moved to `idle_device` after the stage where given;
+    the text encoder, U-Net and ControlNets computing in `dtype`, the VAE in `vae_dtype`, in tiles where `tiled`."""
+
+    models: dict[str, torch.nn.Module]
+    device: torch.device
+    idle_device: torch.device | str | None
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    tiled: bool
+
+    def on_device(self, name: str):
+        return on_device(self.models[name], self.device, self.idle_device)
 
 
 def generate(
@@ -129,14 +145,14 @@ def generate(
     tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
     if models is None:
         models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
-    dtype, vae_type = compute_dtype(stored, device), vae_dtype(stored, device)
+    stages = Stages(models, device, idle_device, compute_dtype(stored, device), vae_dtype(stored, device), tiled)
     lora_changes = plan_changes(models, lora_files)  # every module checked before anything runs
     inpainting_model = is_inpainting_model(models["diffusion"])
     controlnets = controlnet_models
     if settings.controlnets and controlnets is None:
         controlnets = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
     check_controlnets_fit(controlnets or (), models["diffusion"])
-    control = RenderControl(settings.controlnets, controlnets or (), control_sources, device, idle_device, dtype)
+    control = RenderControl(settings.controlnets, controlnets or (), control_sources, stages)
     strength = settings.strength
     if strength is None:
         strength = 1.0 if inpainting_model and repaint is not None else 0.8
@@ -162,32 +178,32 @@ def generate(
     with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
         cfg_scale = settings.cfg_scale
         guided = cfg_scale != 1.0
-        with on_device(models["clip"], device, idle_device), merged(lora_changes["clip"]):
+        with stages.on_device("clip"), merged(lora_changes["clip"]):
             # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts/conditioning.py)
-            contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), dtype, embeddings)
+            contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), stages.dtype, embeddings)
 
         needs_encoder = needs_image_latents or inpainting_model
-        with on_device(models["encoder"], device, idle_device) if needs_encoder else nullcontext() as encoder:
-            image_latents = encode_image(encoder, image, generator, latent_shape, device, vae_type, tiled) if needs_image_latents else None
+        with stages.on_device("encoder") if needs_encoder else nullcontext() as encoder:
+            image_latents = encode_image(stages, encoder, image, generator, latent_shape) if needs_image_latents else None
             # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
             noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
             # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
-            conditioning = inpainting_conditioning(encoder, image, repaint, generator, latent_shape, device, vae_type, tiled) if inpainting_model else None
+            conditioning = inpainting_conditioning(stages, encoder, image, repaint, generator, latent_shape) if inpainting_model else None
         known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
 
         calls = total_steps(settings.sampler, settings.steps)
-        with unet_with_loras(models["diffusion"], device, idle_device, lora_changes["diffusion"]):
-            with on_device(models["diffusion"], device, idle_device) as unet, control.guiding(width, height, calls) as guides:
-                predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, dtype, guides)
+        with unet_with_loras(stages, lora_changes["diffusion"]):
+            with stages.on_device("diffusion") as unet, control.guiding(width, height, calls) as guides:
+                predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, stages.dtype, guides)
                 start_latents = None if pure_noise_start else image_latents
                 x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
                            karras=settings.karras, eta=settings.eta, known=known)
             if hires is not None:
-                x = hires_pass(x, settings, hires, seed, models, contexts[1], device, idle_device, (dtype, vae_type), progress, tiled, control)
+                x = hires_pass(stages, x, settings, hires, seed, contexts[1], progress, control)
 
-        with on_device(models["decoder"], device, idle_device) as decoder:
+        with stages.on_device("decoder") as decoder:
             # (B, 4, h, w) -> (B, 3, H, W)
-            pixels = decoder(x.to(vae_type), tiled=tiled).float()
+            pixels = decoder(x.to(stages.vae_dtype), tiled=tiled).float()
 
     images = [to_pil(p) for p in pixels]
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
@@ -240,48 +256,46 @@ def noise_predictor(unet: torch.nn.Module, contexts: ContextSchedule, conditioni
     return predict_noise
 
 
-def hires_pass(latents: torch.Tensor, settings: Settings, target: Target, seed: int, models: dict, contexts: ContextSchedule, device, idle_device,
-               dtypes: tuple, progress: bool, tiled: bool, control: RenderControl | None = None) -> torch.Tensor:
+def hires_pass(stages: Stages, latents: torch.Tensor, settings: Settings, target: Target, seed: int, contexts: ContextSchedule, progress: bool,
+               control: RenderControl | None = None) -> torch.Tensor:
     """A1111's second pass of hires fix: the first pass's latents (B, 4, h, w) upscaled to `target`, noised
     afresh from the same seed at the new size, and redrawn by image-to-image with the prompt encodings of
     `contexts`, as the last hires_steps (or steps) of a schedule of
     int(those steps / hires_strength).
-    `dtypes`: the U-Net's compute dtype and the VAE's; `tiled`: whether the VAE works in tiles; `control`: the
-    render's ControlNets, which guide this pass too, their control images resized to its size. Returns the latents
-    (B, 4, H/8, W/8)."""
-    dtype, vae = dtypes
+    `control`: the render's ControlNets, which guide this pass too, their control images resized to its size.
+    Returns the latents (B, 4, H/8, W/8)."""
     generator = torch.Generator().manual_seed(seed)
     latent_shape = (len(latents), 4, *target.latent_size)
     # drawn first, as A1111 draws it; encoder noise comes after
-    noise = torch.randn(latent_shape, generator=generator).to(device)
+    noise = torch.randn(latent_shape, generator=generator).to(stages.device)
     upscaler = UPSCALERS[settings.hires_upscaler]
     if isinstance(upscaler, LatentUpscaler):
         upscaled = upscale_latents(latents, upscaler, target)  # (B, 4, h, w) -> (B, 4, H/8, W/8)
     else:
-        upscaled = upscale_decoded(latents, upscaler, target, models, generator, device, idle_device, vae, tiled)  # the same
+        upscaled = upscale_decoded(stages, latents, upscaler, target, generator)  # the same
     conditioning = None
-    if is_inpainting_model(models["diffusion"]):  # repaints everything, as in text-to-image
-        with on_device(models["encoder"], device, idle_device) as encoder:
-            conditioning = inpainting_conditioning(encoder, None, None, generator, latent_shape, device, vae, tiled)
+    if is_inpainting_model(stages.models["diffusion"]):  # repaints everything, as in text-to-image
+        with stages.on_device("encoder") as encoder:
+            conditioning = inpainting_conditioning(stages, encoder, None, None, generator, latent_shape)
     steps = settings.hires_steps or settings.steps
     sampler, karras = (settings.hires_sampler, settings.hires_karras) if settings.hires_sampler else (settings.sampler, settings.karras)
     eta = settings.eta if sampler == "ddim" else 0.0
     guiding = control.guiding(target.width, target.height, total_steps(sampler, steps)) if control is not None else nullcontext()
-    with on_device(models["diffusion"], device, idle_device) as unet, guiding as guides:
-        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, dtype, guides)
+    with stages.on_device("diffusion") as unet, guiding as guides:
+        predict_noise = noise_predictor(unet, contexts, conditioning, settings.cfg_scale, stages.dtype, guides)
         return sample(sampler, predict_noise, noise, steps, generator, upscaled, settings.hires_strength, progress,
                       karras=karras, eta=eta, schedule_steps=hires_schedule(steps, settings.hires_strength))
 
 
-def upscale_decoded(latents: torch.Tensor, upscaler: PixelUpscaler, target: Target, models: dict, generator: torch.Generator, device, idle_device, vae: torch.dtype, tiled: bool) -> torch.Tensor:
+def upscale_decoded(stages: Stages, latents: torch.Tensor, upscaler: PixelUpscaler, target: Target, generator: torch.Generator) -> torch.Tensor:
     """A pixel upscaler's hires latents: decoded to 8-bit images, resized by PIL, encoded again."""
-    with on_device(models["decoder"], device, idle_device) as decoder:
-        pixels = decoder(latents.to(vae), tiled=tiled).float()  # (B, 4, h, w) -> (B, 3, 8h, 8w)
+    with stages.on_device("decoder") as decoder:
+        pixels = decoder(latents.to(stages.vae_dtype), tiled=stages.tiled).float()  # (B, 4, h, w) -> (B, 3, 8h, 8w)
     # B x (1, 3, H, W) -> (B, 3, H, W)
     images = torch.cat([to_tensor(upscale_pixels(to_pil(image), upscaler, target)) for image in pixels])
     latent_shape = (len(latents), 4, *target.latent_size)
-    with on_device(models["encoder"], device, idle_device) as encoder:
-        return encode_image(encoder, images, generator, latent_shape, device, vae, tiled)
+    with stages.on_device("encoder") as encoder:
+        return encode_image(stages, encoder, images, generator, latent_shape)
 
 
 def is_inpainting_model(unet: torch.nn.Module) -> bool:
@@ -292,22 +306,23 @@ def is_inpainting_model(unet: torch.nn.Module) -> bool:
     return channels == INPAINTING_CHANNELS
 
 
-def encode_image(encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple, device, dtype, tiled: bool = False) -> torch.Tensor:
+def encode_image(stages: Stages, encoder: torch.nn.Module, image: torch.Tensor, generator: torch.Generator, latent_shape: tuple) -> torch.Tensor:
     """Latents of `image` (1 or B, 3, H, W), one draw from the encoder's posterior per image of the batch."""
-    noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
+    noise = torch.randn(latent_shape, generator=generator).to(stages.device, stages.vae_dtype)
     # (1 or B, 3, H, W) -> (B, 4, h, w): one image's posterior mean and spread serve the whole batch, the noise differs
-    return encoder(image.to(device, dtype), noise, tiled=tiled).float()
+    return encoder(image.to(stages.device, stages.vae_dtype), noise, tiled=stages.tiled).float()
 
 
-def inpainting_conditioning(encoder: torch.nn.Module, image: torch.Tensor | None, repaint: torch.Tensor | None, generator: torch.Generator, latent_shape: tuple, device, dtype, tiled: bool = False) -> torch.Tensor:
+def inpainting_conditioning(stages: Stages, encoder: torch.nn.Module, image: torch.Tensor | None, repaint: torch.Tensor | None, generator: torch.Generator,
+                            latent_shape: tuple) -> torch.Tensor:
     """What an inpainting U-Net takes beside the latents, (B, 5, h, w): the mask and the latents of the masked
     image. Without a mask it repaints everything: mask all 1, the image all gray."""
     batch, _, height, width = latent_shape
     size = (height * LATENT_FACTOR, width * LATENT_FACTOR)
     repaint = repaint if repaint is not None else torch.ones(1, 1, *size)
     pixels = masked_image(image if image is not None else torch.zeros(1, 3, *size), repaint)
-    masked_latents = encode_image(encoder, pixels, generator, latent_shape, device, dtype, tiled)  # (B, 4, h, w)
-    mask = conditioning_mask(repaint, (height, width)).to(device).expand(batch, -1, -1, -1)  # (B, 1, h, w)
+    masked_latents = encode_image(stages, encoder, pixels, generator, latent_shape)  # (B, 4, h, w)
+    mask = conditioning_mask(repaint, (height, width)).to(stages.device).expand(batch, -1, -1, -1)  # (B, 1, h, w)
     return torch.cat([mask, masked_latents], dim=1)  # (B, 1 + 4, h, w)
 
 
@@ -372,11 +387,11 @@ def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype, va
 
 
 @contextmanager
-def unet_with_loras(unet: torch.nn.Module, device, idle_device, lora_changes: dict):
+def unet_with_loras(stages: Stages, lora_changes: dict):
     """The U-Net with the LoRAs' changes merged for a render's sampling passes (merged once for both of hires fix's),
-    where it rests between them: on `idle_device` if given (each pass then moves the merged weights to `device`),
-    else on `device`."""
-    unet.to(idle_device if idle_device is not None else device)
+    where it rests between them: on `idle_device` if given (each pass then moves the merged weights to the device),
+    else on the device."""
+    stages.models["diffusion"].to(stages.idle_device if stages.idle_device is not None else stages.device)
     with merged(lora_changes):
         yield
 
