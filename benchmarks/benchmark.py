@@ -858,7 +858,8 @@ def main() -> None:
             from checkpoints import random_sd15_state_dict, write_checkpoint
 
             state = random_sd15_state_dict(seed=0)
-            files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
+            suffixes = (".safetensors", ".ckpt") if "load" in args.only else (".safetensors",)  # only the load group reads a .ckpt
+            files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in suffixes}
             del state
         if "controlnet" in args.only and args.controlnet is None:
             args.controlnet = random_controlnet(folder)
