@@ -42,7 +42,7 @@ decode at the largest of `--sizes`, diffusers eager and with its U-Net and VAE i
 from diffusers' models of the same weights converted by openvino.convert_model (bf16 inference precision where the
 CPU has bf16); stable-diffusion.cpp's `--peer-steps` steps of Euler at CFG 7 from the .safetensors, at each of
 `--sdcpp-wtypes`; and sd's whole `--steps`-step Euler image at CFG 7, load included, against stable-diffusion.cpp's
-estimate for as many steps (load + text encoding + steps x step + decode). Each peer runs in its own environment
+estimate for as many steps (load + text encoding + its sampling time scaled to as many steps + decode). Each peer runs in its own environment
 (`--peer-envs`, benchmarks/peers/); one that is not installed, or fails, is reported as such in the table.
 The decode, hires, prompts, controlnet and lora groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
@@ -739,7 +739,7 @@ def peers_table(results: list[dict]) -> list[str]:
     """The peers group's figures, one line per implementation: median (min) seconds, the ratio to sd's median in the same
     dtype (for stable-diffusion.cpp, whose weights are its own, in bf16 where measured), and the CPU; a peer without figures
     says why."""
-    rows = []  # (figure, implementation, seconds or the reason there are none, sd's median to compare with, cpu)
+    rows = []  # (figure, implementation, seconds or the reason there are none, the dtype of sd's figure to compare with, cpu)
     ours = {}  # (figure, dtype) -> sd's median
     for result in results:
         group, cpu, size = result["group"], result["cpu"], f"{result['size']}x{result['size']}"
@@ -766,7 +766,8 @@ def peers_table(results: list[dict]) -> list[str]:
         elif group == "sdcpp":
             name = f"stable-diffusion.cpp {result['stable_diffusion_cpp_python']} {result['wtype']}"
             target = next((other["steps"] for other in results if other["group"] == "peers_generate"), result["steps"])
-            estimate = result["load_s"] + result["text_encoding_s"] + target * median(result["step_s"]) + result["vae_decode_s"]
+            # its sampling time scaled to sd's steps: the mean step, and the little the sampling adds per run
+            estimate = result["load_s"] + result["text_encoding_s"] + result["sampling_s"] * target / result["steps"] + result["vae_decode_s"]
             rows += [(f"guided U-Net step {size}", name, result["step_s"], None, cpu), (f"VAE decode {size}", name, result["vae_decode_s"], None, cpu),
                      ("load", name, result["load_s"], None, cpu),
                      (f"txt2img {size}, {target} steps Euler, load included", f"{name}, estimated from {result['steps']} steps", estimate, None, cpu)]
