@@ -492,7 +492,7 @@ def worker_peers_generate(checkpoint: Path, dtype: torch.dtype, size: int, steps
     unet, decoder = CallTimes(models["diffusion"]), CallTimes(models["decoder"])
     start = time.perf_counter()
     generate(PROMPT, steps=steps, seed=0, width=size, height=size, sampler="euler", cfg_scale=7.0, models=models, progress=False)
-    return {"load_s": load, "generate_s": time.perf_counter() - start, "unet_step_s": summary(unet.wall), "vae_decode_s": summary(decoder.wall)}
+    return {"load_s": load, "generate_s": time.perf_counter() - start, **summaries("unet_step", unet.runs), **summaries("vae_decode", decoder.runs)}
 
 
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
@@ -736,10 +736,11 @@ PEER_GROUPS = ("peers_torch", "peers_generate", *PEERS)
 
 
 def peers_table(results: list[dict]) -> list[str]:
-    """The peers group's figures, one line per implementation: median (min) seconds, the ratio to sd's median in the same
-    dtype (for stable-diffusion.cpp, whose weights are its own, in bf16 where measured), and the CPU; a peer without figures
-    says why."""
-    rows = []  # (figure, implementation, seconds or the reason there are none, the dtype of sd's figure to compare with, cpu)
+    """The peers group's figures, one line per implementation: median (min) wall seconds, the median CPU seconds where
+    measured (on a shared machine they move less than wall seconds), the ratio of wall medians to sd's in the same
+    dtype (for stable-diffusion.cpp, whose weights are its own, in bf16 where measured), and the CPU; a peer without
+    figures says why."""
+    rows = []  # (figure, implementation, wall seconds or the reason there are none, CPU seconds, dtype of sd's figure to compare with, cpu)
     ours = {}  # (figure, dtype) -> sd's median
     for result in results:
         group, cpu, size = result["group"], result["cpu"], f"{result['size']}x{result['size']}"
@@ -748,41 +749,43 @@ def peers_table(results: list[dict]) -> list[str]:
             for stage, figure in (("unet_step", f"guided U-Net step {size}"), ("vae_decode", f"VAE decode {size}")):
                 ours[(figure, dtype)] = median(result[f"sd_{stage}_s"])
                 for impl, name in (("sd", "sd"), ("diffusers", "diffusers eager"), ("diffusers_channels_last", "diffusers channels_last")):
-                    rows.append((figure, f"{name} {dtype}", result[f"{impl}_{stage}_s"], dtype, cpu))
+                    rows.append((figure, f"{name} {dtype}", result[f"{impl}_{stage}_s"], result[f"{impl}_{stage}_cpu_s"], dtype, cpu))
         elif group == "peers_generate":
             figure = f"txt2img {size}, {result['steps']} steps Euler, load included"
             ours[(figure, dtype)] = result["load_s"] + result["generate_s"]
             ours[("load", dtype)] = result["load_s"]
-            rows += [(figure, f"sd {dtype}", ours[(figure, dtype)], dtype, cpu), ("load", f"sd {dtype}", result["load_s"], dtype, cpu)]
+            rows += [(figure, f"sd {dtype}", ours[(figure, dtype)], None, dtype, cpu), ("load", f"sd {dtype}", result["load_s"], None, dtype, cpu)]
         elif "not_installed" in result or "failed" in result:
             name = {"openvino": "OpenVINO", "sdcpp": "stable-diffusion.cpp"}[group]
             reason = f"not installed: {result['not_installed']}" if "not_installed" in result else f"failed: {result['failed']}"
-            rows.append(("-", f"{name} {result.get('precision', result.get('wtype'))}", reason, None, cpu))
+            rows.append(("-", f"{name} {result.get('precision', result.get('wtype'))}", reason, None, None, cpu))
         elif group == "openvino":
             name = f"OpenVINO {result['openvino'].split('-')[0]} {result['precision']}"
-            rows += [(f"guided U-Net step {size}", name, result["unet_step_s"], dtype, cpu), (f"VAE decode {size}", name, result["vae_decode_s"], dtype, cpu),
-                     ("load", f"{name}: conversion and compilation",
-                      sum(result[f"{model}_{stage}_s"] for model in ("unet_step", "vae_decode") for stage in ("convert", "compile")), dtype, cpu)]
+            conversion = sum(result[f"{model}_{stage}_s"] for model in ("unet_step", "vae_decode") for stage in ("convert", "compile"))
+            rows += [(f"guided U-Net step {size}", name, result["unet_step_s"], result["unet_step_cpu_s"], dtype, cpu),
+                     (f"VAE decode {size}", name, result["vae_decode_s"], result["vae_decode_cpu_s"], dtype, cpu),
+                     ("load", f"{name}: conversion and compilation", conversion, None, dtype, cpu)]
         elif group == "sdcpp":
             name = f"stable-diffusion.cpp {result['stable_diffusion_cpp_python']} {result['wtype']}"
             target = next((other["steps"] for other in results if other["group"] == "peers_generate"), result["steps"])
             # its sampling time scaled to sd's steps: the mean step, and the little the sampling adds per run
             estimate = result["load_s"] + result["text_encoding_s"] + result["sampling_s"] * target / result["steps"] + result["vae_decode_s"]
-            rows += [(f"guided U-Net step {size}", name, result["step_s"], None, cpu), (f"VAE decode {size}", name, result["vae_decode_s"], None, cpu),
-                     ("load", name, result["load_s"], None, cpu),
-                     (f"txt2img {size}, {target} steps Euler, load included", f"{name}, estimated from {result['steps']} steps", estimate, None, cpu)]
+            rows += [(f"guided U-Net step {size}", name, result["step_s"], result["step_cpu_s"], None, cpu),
+                     (f"VAE decode {size}", name, result["vae_decode_s"], None, None, cpu), ("load", name, result["load_s"], None, None, cpu),
+                     (f"txt2img {size}, {target} steps Euler, load included", f"{name}, estimated from {result['steps']} steps", estimate, None, None, cpu)]
     order = ("guided U-Net step", "VAE decode", "load", "txt2img", "-")
     rows.sort(key=lambda row: next(index for index, start in enumerate(order) if row[0].startswith(start)))
     width = max((len(row[1]) for row in rows), default=0)
-    lines = [f"{'peers: figure':44} {'implementation':{width}} {'median (min) s':>16} {'x sd':>6}  cpu"]
-    for figure, name, seconds, dtype, cpu in rows:
+    lines = [f"{'peers: figure':44} {'implementation':{width}} {'median (min) s':>16} {'CPU s':>7} {'x sd':>6}  cpu"]
+    for figure, name, seconds, cpu_seconds, dtype, cpu in rows:
         if isinstance(seconds, str):
             lines.append(f"{figure:44} {name:{width}} {seconds}  {cpu}")
             continue
         text = f"{seconds['median']:.2f} ({seconds['min']:.2f})" if isinstance(seconds, dict) else f"{seconds:.2f}"
+        cpu_text = f"{cpu_seconds['median']:.2f}" if cpu_seconds else "-"
         reference = ours.get((figure, dtype)) if dtype else ours.get((figure, "bf16"), ours.get((figure, "fp32")))
         ratio = f"{median(seconds) / reference:6.2f}" if reference else f"{'-':>6}"
-        lines.append(f"{figure:44} {name:{width}} {text:>16} {ratio}  {cpu}")
+        lines.append(f"{figure:44} {name:{width}} {text:>16} {cpu_text:>7} {ratio}  {cpu}")
     return lines
 
 

@@ -6,7 +6,7 @@ diffusers' UNet2DConditionModel and AutoencoderKL are built from the checkpoint'
 single-file converters (tests/reference.py, as the benchmark builds them), converted by openvino.convert_model
 from example inputs of the benchmark's shapes (guided batch 2, size/8 latents, 77x768 context), and compiled for
 the CPU with the inference precision asked for. Prints one JSON line: the seconds of converting and compiling
-each model, and the median and min of `repeat` calls of each after a warm-up call.
+each model, and the median and min of the wall and CPU seconds of `repeat` calls of each after a warm-up call.
 """
 
 import json
@@ -42,10 +42,12 @@ class Decode(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def timed(function) -> float:
-    start = time.perf_counter()
+def timed(function) -> tuple[float, float]:
+    """Wall and CPU seconds (this process's user + system time, all threads: on a shared machine it moves less than
+    wall time) of one call of `function`."""
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def summary(seconds: list[float]) -> dict:
@@ -66,9 +68,10 @@ def measure(name: str, build, inputs: tuple, precision: str, repeat: int, core: 
     request = compiled.create_infer_request()
     feed = [tensor.numpy() for tensor in inputs]
     request.infer(feed)  # warm-up
-    result = {f"{name}_s": summary([timed(lambda: request.infer(feed)) for _ in range(repeat)]),
+    runs = [timed(lambda: request.infer(feed)) for _ in range(repeat)]
+    result = {f"{name}_s": summary([wall for wall, _ in runs]), f"{name}_cpu_s": summary([cpu for _, cpu in runs]),
               f"{name}_convert_s": converted, f"{name}_compile_s": compiled_s,
-              f"{name}_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+              f"{name}_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
     assert np.isfinite(request.get_output_tensor(0).data).all(), f"{name}: OpenVINO gave non-finite outputs"
     return result
 

@@ -4,7 +4,7 @@
 
 Loads the checkpoint with the weights converted to `wtype` (f16, q8_0, ...), then renders one image with Euler,
 CFG 7, seed 0, on all the CPU's threads (the binding's default is half of them). Prints one JSON line: the load's
-seconds, the seconds of each sampling step (between calls of its progress callback, which it makes as sampling starts
+seconds, the wall and CPU seconds of each sampling step (between calls of its progress callback, which it makes as sampling starts
 and after each step), and the text encoding, sampling and VAE decode
 seconds from its own timing log, so that a short run tells the cost of a longer one.
 """
@@ -65,13 +65,14 @@ def main() -> None:
     start = time.perf_counter()
     model.generate_image(prompt="a photograph of an astronaut riding a horse", width=spec["size"], height=spec["size"], cfg_scale=7.0,
                          sample_method="euler", sample_steps=spec["steps"], seed=0,
-                         progress_callback=lambda *_: ticks.append(time.perf_counter()))
+                         progress_callback=lambda *_: ticks.append((time.perf_counter(), time.process_time())))
     generate = time.perf_counter() - start
     log = "".join(lines)
     status = Path("/proc/self/status").read_text()
     print(json.dumps({
         "stable_diffusion_cpp_python": sd_cpp.__version__, "ggml": ggml_version(), "threads": threads, "wtype": spec["wtype"],
-        "load_s": load, "step_s": summary([b - a for a, b in zip(ticks, ticks[1:])]), "generate_s": generate, **{name: logged_seconds(log, pattern) for name, pattern in STAGES.items()},
+        "load_s": load, "step_s": summary([b[0] - a[0] for a, b in zip(ticks, ticks[1:])]),
+        "step_cpu_s": summary([b[1] - a[1] for a, b in zip(ticks, ticks[1:])]), "generate_s": generate, **{name: logged_seconds(log, pattern) for name, pattern in STAGES.items()},
         "peak_rss_gib": next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**20,
     }))
 
