@@ -775,17 +775,17 @@ def peers_table(results: list[dict]) -> list[str]:
                      (f"txt2img {size}, {target} steps Euler, load included", f"{name}, estimated from {result['steps']} steps", estimate, None, None, cpu)]
     order = ("guided U-Net step", "VAE decode", "load", "txt2img", "-")
     rows.sort(key=lambda row: next(index for index, start in enumerate(order) if row[0].startswith(start)))
-    width = max((len(row[1]) for row in rows), default=0)
-    lines = [f"{'peers: figure':44} {'implementation':{width}} {'median (min) s':>16} {'CPU s':>7} {'x sd':>6}  cpu"]
+    first, width = (max((len(row[column]) for row in rows), default=0) for column in (0, 1))
+    lines = [f"{'peers: figure':{first}} {'implementation':{width}} {'median (min) s':>16} {'CPU s':>7} {'x sd':>6}  cpu"]
     for figure, name, seconds, cpu_seconds, dtype, cpu in rows:
         if isinstance(seconds, str):
-            lines.append(f"{figure:44} {name:{width}} {seconds}  {cpu}")
+            lines.append(f"{figure:{first}} {name:{width}} {seconds}  {cpu}")
             continue
         text = f"{seconds['median']:.2f} ({seconds['min']:.2f})" if isinstance(seconds, dict) else f"{seconds:.2f}"
         cpu_text = f"{cpu_seconds['median']:.2f}" if cpu_seconds else "-"
         reference = ours.get((figure, dtype)) if dtype else ours.get((figure, "bf16"), ours.get((figure, "fp32")))
         ratio = f"{median(seconds) / reference:6.2f}" if reference else f"{'-':>6}"
-        lines.append(f"{figure:44} {name:{width}} {text:>16} {cpu_text:>7} {ratio}  {cpu}")
+        lines.append(f"{figure:{first}} {name:{width}} {text:>16} {cpu_text:>7} {ratio}  {cpu}")
     return lines
 
 
