@@ -56,7 +56,9 @@ def summary(seconds: list[float]) -> dict:
 
 
 def measure(name: str, build, inputs: tuple, precision: str, repeat: int, core: openvino.Core) -> dict:
-    """Converts and compiles one model, then times its calls; the torch model is dropped once converted."""
+    """Converts and compiles one model, then times its calls. The conversion's seconds include building diffusers' model
+    from the checkpoint (a few seconds), the start of what a user converting it pays; the torch model is dropped once
+    converted."""
     start = time.perf_counter()
     with torch.no_grad():
         model = openvino.convert_model(build(), example_input=inputs)
