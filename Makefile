@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROMPT ?= a red circle on the left
 ARGS ?=
 
-.PHONY: run test bench demo-model eval-demo clean
+.PHONY: run test bench bench-peers peer-envs demo-model eval-demo clean
 
 $(BIN)/sd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,28 @@ test: $(VENV)/test-tools
 
 bench: $(VENV)/test-tools
 	$(BIN)/python benchmarks/benchmark.py $(ARGS)
+
+# The peers the benchmark compares sd with, each in its own environment (never a dependency of sd). A peer whose
+# install fails leaves no environment, only its log, and the benchmark reports it as not installed.
+OPENVINO := openvino==2026.4.1
+SDCPP := stable-diffusion-cpp-python==0.4.7
+
+.venv-openvino/installed:
+	rm -rf .venv-openvino && mkdir -p build/peers
+	# torch and diffusers to build the same U-Net and VAE that openvino.convert_model converts
+	( $(PYTHON) -m venv .venv-openvino && .venv-openvino/bin/pip install torch==2.13.0 diffusers==0.42.1 safetensors pyyaml $(OPENVINO) \
+	  && touch $@ ) > build/peers/openvino-install.log 2>&1 || (rm -rf .venv-openvino; echo 'OpenVINO not installed:'; tail -n 3 build/peers/openvino-install.log)
+
+# compiles stable-diffusion.cpp for this CPU (ggml's native build): minutes
+.venv-sdcpp/installed:
+	rm -rf .venv-sdcpp && mkdir -p build/peers
+	( $(PYTHON) -m venv .venv-sdcpp && CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-sdcpp/bin/pip install -v $(SDCPP) \
+	  && touch $@ ) > build/peers/sdcpp-install.log 2>&1 || (rm -rf .venv-sdcpp; echo 'stable-diffusion.cpp not installed:'; tail -n 3 build/peers/sdcpp-install.log)
+
+peer-envs: .venv-openvino/installed .venv-sdcpp/installed
+
+bench-peers: $(VENV)/test-tools peer-envs
+	$(BIN)/python benchmarks/benchmark.py --only peers --dtypes bf16 $(ARGS)
 
 # Trains the built-in demo model from scratch (about 42 minutes on 2 CPU cores of an Intel Xeon, Ice Lake class) into data/sd-demo.safetensors;
 # a stopped run resumes from build/demo-training/.

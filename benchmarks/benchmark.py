@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/benchmark.py --only prompts --dtypes bf16                            # long prompts' cost
     .venv/bin/python benchmarks/benchmark.py --only controlnet --dtypes bf16 --sizes 512              # one ControlNet's cost
     .venv/bin/python benchmarks/benchmark.py --only lora                                             # LoRA merging's cost
+    make bench-peers                                       # --only peers: OpenVINO and stable-diffusion.cpp beside sd and diffusers
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -35,6 +36,14 @@ of rank `--lora-rank` (128: 151 MB in fp16, as kohya saves them) over every atte
 U-Net and the text encoder (kohya's default targets): the time to apply (read the file, merge) and to remove 1 and
 3 of them, one guided U-Net step at the largest of `--sizes` with 3 merged against without, in turn, and the peak
 RSS of such a step (counted from after the load) with and without them.
+`--only peers` (not part of the default run; `make bench-peers` installs the peers first) measures the engines users would
+pick instead, in the same run and on the same checkpoint: in one process, sd's and diffusers' guided U-Net step and VAE
+decode at the largest of `--sizes`, diffusers eager and with its U-Net and VAE in channels_last, in turns; OpenVINO's,
+from diffusers' models of the same weights converted by openvino.convert_model (bf16 inference precision where the
+CPU has bf16); stable-diffusion.cpp's `--peer-steps` steps of Euler at CFG 7 from the .safetensors, at each of
+`--sdcpp-wtypes`; and sd's whole `--steps`-step Euler image at CFG 7, load included, against stable-diffusion.cpp's
+estimate for as many steps (load + text encoding + its sampling time scaled to as many steps + decode). Each peer runs in its own environment
+(`--peer-envs`, benchmarks/peers/); one that is not installed, or fails, is reported as such in the table.
 The decode, hires, prompts, controlnet and lora groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
 
@@ -450,9 +459,45 @@ def in_turns(calls: dict, repeat: int) -> dict:
     return {key: value for name in calls for key, value in summaries(name, runs[name]).items()}
 
 
+def worker_peers_torch(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, **_) -> dict:
+    """The peers group's PyTorch side, in one process: sd's and diffusers' guided U-Net step (batch 2) and VAE decode at
+    `size`, diffusers eager and with its U-Net and VAE in channels_last (diffusers' advice for CPUs), in turns (see
+    in_turns). diffusers' pipelines are built first: each build peaks at the checkpoint's fp32 size, and the
+    channels_last one needs no text encoder."""
+    eager = load_diffusers(checkpoint, dtype)
+    channels_last = load_diffusers(checkpoint, dtype)
+    del channels_last.text_encoder
+    gc.collect()
+    for model in (channels_last.unet, channels_last.vae):
+        model.to(memory_format=torch.channels_last)
+    models = load_sd(checkpoint, dtype)
+    latents, context = unet_inputs(size, compute_dtype(dtype, CPU), torch.Generator().manual_seed(0))
+    calls = {"sd_unet_step": lambda: models["diffusion"](latents, context, 500)}
+    for name, pipe in (("diffusers", eager), ("diffusers_channels_last", channels_last)):
+        calls[f"{name}_unet_step"] = lambda unet=pipe.unet: unet(latents, 500, encoder_hidden_states=context)
+    calls["sd_vae_decode"] = lambda: models["decoder"](latents[:1])
+    for name, pipe in (("diffusers", eager), ("diffusers_channels_last", channels_last)):
+        calls[f"{name}_vae_decode"] = lambda vae=pipe.vae: vae.decode(latents[:1])
+    return in_turns(calls, repeat)
+
+
+def worker_peers_generate(checkpoint: Path, dtype: torch.dtype, size: int, steps: int, **_) -> dict:
+    """sd's whole text-to-image as the peers group has stable-diffusion.cpp render it: Euler, CFG 7, seed 0, the load
+    timed too."""
+    from sd import generate
+
+    start = time.perf_counter()
+    models = load_sd(checkpoint, dtype)
+    load = time.perf_counter() - start
+    unet, decoder = CallTimes(models["diffusion"]), CallTimes(models["decoder"])
+    start = time.perf_counter()
+    generate(PROMPT, steps=steps, seed=0, width=size, height=size, sampler="euler", cfg_scale=7.0, models=models, progress=False)
+    return {"load_s": load, "generate_s": time.perf_counter() - start, **summaries("unet_step", unet.runs), **summaries("vae_decode", decoder.runs)}
+
+
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
            "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts, "controlnet": worker_controlnet,
-           "lora": worker_lora}
+           "lora": worker_lora, "peers_torch": worker_peers_torch, "peers_generate": worker_peers_generate}
 
 
 def run_worker(spec: dict) -> dict:
@@ -466,15 +511,63 @@ def run_worker(spec: dict) -> dict:
 # ---- the driver ----
 
 
-def measure(spec: dict) -> dict:
-    """Runs one worker in a fresh process, so that each peak RSS is its own. The load averages (1, 5, 15 minutes)
-    before and after it tell how busy the machine was."""
-    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+# The peers, each run by its own environment's python (see the Makefile's peer-envs): group -> environment, script
+PEERS = {"openvino": (".venv-openvino", "openvino_peer.py"), "sdcpp": (".venv-sdcpp", "sdcpp_peer.py")}
+PEER_SCRIPTS = ROOT / "benchmarks" / "peers"
+
+
+def cpu_description() -> dict:
+    """The CPU's model and the capabilities that decide which kernels are fastest on it, from /proc/cpuinfo's
+    first processor (elsewhere only the processor's name)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else ""
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name", platform.processor()), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": {"amx_tile", "amx_bf16"} <= flags}
+
+
+def cpu_label(cpu: dict) -> str:
+    """E.g. "AMD EPYC (family 25, model 17): AVX2, AVX512-BF16, no AMX"."""
+    capabilities = [name if cpu[key] else f"no {name}" for key, name in (("avx2", "AVX2"), ("avx512_bf16", "AVX512-BF16"), ("amx", "AMX"))]
+    return f"{cpu['model_name']} (family {cpu['family']}, model {cpu['model']}): {', '.join(capabilities)}"
+
+
+CPU_LABEL = cpu_label(cpu_description())
+
+
+def measure(spec: dict, peer_envs: Path = ROOT) -> dict:
+    """Runs one worker in a fresh process, so that each peak RSS is its own (a peer's worker: see run_peer). The load
+    averages (1, 5, 15 minutes) before and after it tell how busy the machine was."""
     load_before = os.getloadavg()
-    finished = subprocess.run(command, capture_output=True, text=True)
+    if spec["group"] in PEERS:
+        result = run_peer(spec, peer_envs)
+    else:
+        finished = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+        if finished.returncode:
+            sys.exit(f"{spec} failed:\n{finished.stderr}")
+        result = json.loads(finished.stdout.strip().splitlines()[-1])
+    return {**spec, **result, "cpu": CPU_LABEL, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+
+
+def run_peer(spec: dict, peer_envs: Path) -> dict:
+    """A peer's figures from its script, run by its environment's python, or why there are none (`not_installed`,
+    `failed`): peers are optional, so their absence is reported, not an error of the run."""
+    environment, script = PEERS[spec["group"]]
+    folder = peer_envs / environment
+    if not (folder / "installed").exists():
+        log = peer_envs / "build" / "peers" / f"{spec['group']}-install.log"
+        reason = f"its install failed, {log} ends: {last_line(log.read_text())}" if log.exists() else "`make peer-envs` installs it"
+        return {"not_installed": f"no {folder}: {reason}"}
+    finished = subprocess.run([str(folder / "bin" / "python"), str(PEER_SCRIPTS / script), json.dumps(spec)], capture_output=True, text=True)
     if finished.returncode:
-        sys.exit(f"{spec} failed:\n{finished.stderr}")
-    return {**spec, **json.loads(finished.stdout.strip().splitlines()[-1]), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        return {"failed": last_line(finished.stderr)}
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
 
 
 def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
@@ -504,10 +597,18 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
         if "lora" in args.only:
             specs.append(dict(group="lora", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, lora_rank=args.lora_rank,
                               checkpoint=str(files[".safetensors"])))
+        if "peers" in args.only:
+            common = dict(dtype=dtype, size=max(args.sizes), checkpoint=str(files[".safetensors"]))
+            precision = "bf16" if dtype == "bf16" and cpu_has_bf16() else "fp32"  # OpenVINO has no bf16 without the instructions
+            specs += [dict(group="peers_torch", repeat=args.repeat, **common), dict(group="openvino", repeat=args.repeat, precision=precision, **common),
+                      dict(group="peers_generate", steps=args.steps, **common)]
         for pair in pairs:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
                 specs.append({**pair, **extra, "impl": impl, "dtype": dtype})
+    if "peers" in args.only:  # stable-diffusion.cpp's weights are its own choice, not the run's dtype
+        specs += [dict(group="sdcpp", wtype=wtype, size=max(args.sizes), steps=args.peer_steps, checkpoint=str(files[".safetensors"]))
+                  for wtype in args.sdcpp_wtypes]
     return specs
 
 
@@ -631,6 +732,63 @@ def table(results: list[dict], flops: dict, peaks: dict) -> list[str]:
     return lines
 
 
+PEER_GROUPS = ("peers_torch", "peers_generate", *PEERS)
+
+
+def peers_table(results: list[dict]) -> list[str]:
+    """The peers group's figures, one line per implementation: median (min) wall seconds, the median CPU seconds where
+    measured (on a shared machine they move less than wall seconds), the ratio of wall medians to sd's in the same
+    dtype (for stable-diffusion.cpp, whose weights are its own, in bf16 where measured), and the CPU; a peer without
+    figures says why."""
+    rows = []  # (figure, implementation, wall seconds or the reason there are none, CPU seconds, dtype of sd's figure to compare with, cpu)
+    ours = {}  # (figure, dtype) -> sd's median
+    for result in results:
+        group, cpu, size = result["group"], result["cpu"], f"{result['size']}x{result['size']}"
+        dtype = result.get("dtype")
+        if group == "peers_torch":
+            for stage, figure in (("unet_step", f"guided U-Net step {size}"), ("vae_decode", f"VAE decode {size}")):
+                ours[(figure, dtype)] = median(result[f"sd_{stage}_s"])
+                for impl, name in (("sd", "sd"), ("diffusers", "diffusers eager"), ("diffusers_channels_last", "diffusers channels_last")):
+                    rows.append((figure, f"{name} {dtype}", result[f"{impl}_{stage}_s"], result[f"{impl}_{stage}_cpu_s"], dtype, cpu))
+        elif group == "peers_generate":
+            figure = f"txt2img {size}, {result['steps']} steps Euler, load included"
+            ours[(figure, dtype)] = result["load_s"] + result["generate_s"]
+            ours[("load", dtype)] = result["load_s"]
+            rows += [(figure, f"sd {dtype}", ours[(figure, dtype)], None, dtype, cpu), ("load", f"sd {dtype}", result["load_s"], None, dtype, cpu)]
+        elif "not_installed" in result or "failed" in result:
+            name = {"openvino": "OpenVINO", "sdcpp": "stable-diffusion.cpp"}[group]
+            reason = f"not installed: {result['not_installed']}" if "not_installed" in result else f"failed: {result['failed']}"
+            rows.append(("-", f"{name} {result.get('precision', result.get('wtype'))}", reason, None, None, cpu))
+        elif group == "openvino":
+            name = f"OpenVINO {result['openvino'].split('-')[0]} {result['precision']}"
+            conversion = sum(result[f"{model}_{stage}_s"] for model in ("unet_step", "vae_decode") for stage in ("convert", "compile"))
+            rows += [(f"guided U-Net step {size}", name, result["unet_step_s"], result["unet_step_cpu_s"], dtype, cpu),
+                     (f"VAE decode {size}", name, result["vae_decode_s"], result["vae_decode_cpu_s"], dtype, cpu),
+                     ("load", f"{name}: conversion and compilation", conversion, None, dtype, cpu)]
+        elif group == "sdcpp":
+            name = f"stable-diffusion.cpp {result['stable_diffusion_cpp_python']} {result['wtype']}"
+            target = next((other["steps"] for other in results if other["group"] == "peers_generate"), result["steps"])
+            # its sampling time scaled to sd's steps: the mean step, and the little the sampling adds per run
+            estimate = result["load_s"] + result["text_encoding_s"] + result["sampling_s"] * target / result["steps"] + result["vae_decode_s"]
+            rows += [(f"guided U-Net step {size}", name, result["step_s"], result["step_cpu_s"], None, cpu),
+                     (f"VAE decode {size}", name, result["vae_decode_s"], None, None, cpu), ("load", name, result["load_s"], None, None, cpu),
+                     (f"txt2img {size}, {target} steps Euler, load included", f"{name}, estimated from {result['steps']} steps", estimate, None, None, cpu)]
+    order = ("guided U-Net step", "VAE decode", "load", "txt2img", "-")
+    rows.sort(key=lambda row: next(index for index, start in enumerate(order) if row[0].startswith(start)))
+    first, width = (max((len(row[column]) for row in rows), default=0) for column in (0, 1))
+    lines = [f"{'peers: figure':{first}} {'implementation':{width}} {'median (min) s':>16} {'CPU s':>7} {'x sd':>6}  cpu"]
+    for figure, name, seconds, cpu_seconds, dtype, cpu in rows:
+        if isinstance(seconds, str):
+            lines.append(f"{figure:{first}} {name:{width}} {seconds}  {cpu}")
+            continue
+        text = f"{seconds['median']:.2f} ({seconds['min']:.2f})" if isinstance(seconds, dict) else f"{seconds:.2f}"
+        cpu_text = f"{cpu_seconds['median']:.2f}" if cpu_seconds else "-"
+        reference = ours.get((figure, dtype)) if dtype else ours.get((figure, "bf16"), ours.get((figure, "fp32")))
+        ratio = f"{median(seconds) / reference:6.2f}" if reference else f"{'-':>6}"
+        lines.append(f"{figure:{first}} {name:{width}} {text:>16} {cpu_text:>7} {ratio}  {cpu}")
+    return lines
+
+
 def figure_flops(result: dict, figure: str, flops: dict) -> float | None:
     """The floating-point operations behind a wall-time figure, where stage_flops counts them: each component,
     and a hires run's U-Net steps of either pass and its decode (untiled: tiles overlap, which adds work)."""
@@ -666,9 +824,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet", "lora"],
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet", "lora", "peers"],
                         help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost), "
-                             "controlnet (a U-Net step with and without one ControlNet), lora (LoRA merging's cost)")
+                             "controlnet (a U-Net step with and without one ControlNet), lora (LoRA merging's cost), "
+                             "peers (OpenVINO and stable-diffusion.cpp beside sd and diffusers)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
@@ -681,6 +840,10 @@ def main() -> None:
     parser.add_argument("--hires-steps", type=int, default=1, help="--only hires: the hires pass's steps (default 1)")
     parser.add_argument("--tiled-from", type=int, default=2048, help="--only hires: the smallest side decoded in tiles (default 2048)")
     parser.add_argument("--lora-rank", type=int, default=128, help="--only lora: the LoRA files' rank (default 128: 151 MB in fp16)")
+    parser.add_argument("--peer-envs", type=Path, default=ROOT, help="--only peers: the folder of the peers' environments, .venv-openvino and .venv-sdcpp "
+                                                                      "(default: the checkout's, where `make peer-envs` puts them)")
+    parser.add_argument("--peer-steps", type=int, default=2, help="--only peers: stable-diffusion.cpp's steps, whose times give one step's (default 2)")
+    parser.add_argument("--sdcpp-wtypes", nargs="+", default=["f16", "q8_0"], help="--only peers: stable-diffusion.cpp's weight types (default f16 q8_0)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--controlnet", type=Path, help="--only controlnet: an existing ControlNet file instead of a new random one")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
@@ -699,25 +862,29 @@ def main() -> None:
             from checkpoints import random_sd15_state_dict, write_checkpoint
 
             state = random_sd15_state_dict(seed=0)
-            files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in (".safetensors", ".ckpt")}
+            suffixes = (".safetensors", ".ckpt") if "load" in args.only else (".safetensors",)  # only the load group reads a .ckpt
+            files = {suffix: write_checkpoint(state, folder / f"random-sd15{suffix}") for suffix in suffixes}
             del state
         if "controlnet" in args.only and args.controlnet is None:
             args.controlnet = random_controlnet(folder)
         results = []
         for spec in plan(args, files, folder):
-            results.append(measure(spec))
+            results.append(measure(spec, args.peer_envs))
             print(json.dumps(results[-1]), flush=True)
         psnrs = image_psnrs(folder)
     peaks = next(result for result in results if result["group"] == "peaks")
-    results = merge_results(results)
+    peers = [result for result in results if result["group"] in PEER_GROUPS]
+    results = merge_results([result for result in results if result["group"] not in PEER_GROUPS])
     sizes = sorted({result[key] for result in results for key in ("size", "base") if key in result})
-    lines = table(results, stage_flops(sizes), peaks)
+    lines = table(results, stage_flops(sizes), peaks) if len(results) > 1 else []  # more than the peaks
+    if peers:
+        lines += ["", *peers_table(peers)]
     lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
     print("\n" + "\n".join(lines))
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    machine = {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
                "native_bf16": cpu_has_bf16(), "date": time.strftime("%Y-%m-%d")}
-    args.output.write_text(json.dumps({"machine": machine, "results": results, "psnr_db": psnrs, "table": lines}, indent=1))
+    args.output.write_text(json.dumps({"machine": machine, "results": results + peers, "psnr_db": psnrs, "table": lines}, indent=1))
 
 
 if __name__ == "__main__":

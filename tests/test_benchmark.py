@@ -6,6 +6,7 @@ layerwise casting: that branch is run alone, by the U-Net steps in turn, since e
 bf16 took minutes there. Only the .safetensors file: .ckpt loading is covered by test_converter. sd's own
 groups (decode, hires, prompts) run on the demo model's small weights."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -109,3 +110,38 @@ def test_benchmark_measures_sds_own_groups_on_the_demo_model(tmp_path):
         assert timed(lora, figure, 1)
     assert lora["lora_file_mb"] > 0 and lora["peak_rss_step_3_loras_gib"] >= lora["rss_after_load_gib"] > 0
     assert "fp32 LoRA rank 4, U-Net at 64x64" in printed
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peers_group_reports_peers_it_cannot_run(tmp_path):
+    """Without the peers' environments, or with one whose install failed or whose run fails, the peers group gives a row
+    saying so beside the CPU, not an error of the run (the peers themselves are measured by `make bench-peers` only)."""
+    benchmark = load_benchmark_module()
+    openvino = dict(group="openvino", dtype="bf16", precision="bf16", size=64, repeat=1, checkpoint="unused.safetensors")
+    sdcpp = dict(group="sdcpp", wtype="q8_0", size=64, steps=2, checkpoint="unused.safetensors")
+    log = tmp_path / "build" / "peers" / "sdcpp-install.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("compiling...\nerror: no C++ compiler\n")
+    missing, failed_install = benchmark.measure(openvino, tmp_path), benchmark.measure(sdcpp, tmp_path)
+    assert "`make peer-envs` installs it" in missing["not_installed"]
+    assert failed_install["not_installed"].endswith("ends: error: no C++ compiler")
+
+    environment = tmp_path / ".venv-openvino"
+    (environment / "bin").mkdir(parents=True)
+    (environment / "installed").touch()
+    python = environment / "bin" / "python"
+    python.write_text("#!/bin/sh\necho 'RuntimeError: no CPU plugin' >&2\nexit 1\n")
+    python.chmod(0o755)
+    failed = benchmark.measure(openvino, tmp_path)
+    assert failed["failed"] == "RuntimeError: no CPU plugin"
+
+    lines = benchmark.peers_table([missing, failed_install, failed])
+    assert len(lines) == 4 and all(benchmark.CPU_LABEL in line for line in lines[1:])
+    assert "OpenVINO bf16" in lines[1] and "not installed: no " in lines[1] and "stable-diffusion.cpp q8_0" in lines[2]
+    assert "failed: RuntimeError: no CPU plugin" in lines[3]
