@@ -27,6 +27,7 @@ from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.files.metadata import read_infotext_of
 from sd.files.loader import check_vae, image_size, read_controlnet
+from sd.kernels import forced_by_environment
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_controlnets, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.sampling.samplers import SAMPLERS, karras_by_default
@@ -56,6 +57,7 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Stable Diffusion 1.5, from scratch in PyTorch."""
+    forced_by_environment()  # a mistyped SD_KERNELS is one line before anything loads
 
 
 def png_path(ctx, param, path: Path | None) -> Path | None:

@@ -8,6 +8,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a model hub fails ins
 from checkpoints import random_sd15_state_dict, write_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory):
+    """sd's cache (model hashes, kernel choices: sd/kernels.py) in a folder of the session's, never the user's; the
+    commands the tests start inherit it, so the kernel timing runs once per dtype for the whole session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def checkpoint_files(tmp_path_factory):
     """One random full-size SD 1.5 checkpoint (4.3 GB in fp32), as .safetensors and as .ckpt."""
