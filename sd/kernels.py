@@ -14,9 +14,9 @@ bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so
 paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on SD 1.5's layer
 shapes at 512x512 decides (on a 2-core Zen 4: 1.5 s for fp32, 0.8 s for bf16), once per CPU model and flags,
 torch version, thread count and dtype. The result is kept in memory for the process and in `kernels.json` in sd's
-cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd), unless other work kept the CPU busy meanwhile
-(QUIET_SHARE). An alternative must beat the reference by MARGIN: packing costs load time, and timings wander by a
-few percent.
+cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd), with a warning where other work kept the CPU
+busy meanwhile (QUIET_SHARE). An alternative must beat the reference by MARGIN: packing costs load time, and timings
+wander by a few percent.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
 """
@@ -52,15 +52,15 @@ PATHS_OFF_CPU["mps"] = {**PATHS_OFF_CPU["cuda"], "channels_last": "off"}
 MARGIN = 0.05
 # Under other work the paths slow down unequally (many small products wait on descheduled threads: the pieces'
 # attention ran 5x slower than the fused kernel on a 2-core Zen 4 sharing its cores, 1.3x faster alone), so a
-# timing during which this process had less than this share of its threads' CPU time is not cached: there it had
-# 0.49 shared, 0.96-1.00 alone.
+# timing during which this process had less than this share of its threads' CPU time is named in a warning: there
+# it had 0.49 shared, 0.96-1.00 alone. It is cached all the same: the same machine must make the same images.
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 SHAPES = "SD 1.5 layers at 512x512"  # what was timed: change it with the shapes, so that old entries no longer count
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
-_lock = threading.RLock()  # re-entrant: timing packing asks for the layout and linear paths
+_lock = threading.RLock()  # re-entrant: a choice timed after others (TIMED_AFTER) makes those first
 
 
 def choice(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -116,20 +116,41 @@ def _choose(name: str, dtype: torch.dtype) -> str:
     paths = candidates(name, dtype)
     if len(paths) == 1:
         return paths[0]
+    for first in TIMED_AFTER.get(name, ()):
+        choice(first, torch.device("cpu"), dtype)
     key = cache_key(dtype)
-    entry = _read_cache().get(key, {}).get(name, {})
-    if entry.get("path") in paths:
-        return entry["path"]
-    seconds, share = timed(TIMED_CALLS[name](dtype))
-    reference, fastest = paths[0], min(seconds, key=seconds.get)
-    path = fastest if seconds[fastest] < (1 - MARGIN) * seconds[reference] else reference
-    log.info("kernels: %s=%s for %s on this CPU (seconds: %s; CPU share %.2f)", name, path, dtype, seconds, share)
-    if share < QUIET_SHARE:
-        log.warning("other work kept the CPU busy while sd timed its %s kernels (%d %% of %d threads' time): %s=%s holds "
-                    "for this run only, and is timed again next time", name, 100 * share, torch.get_num_threads(), name, path)
-    else:
-        _store(key, name, {"path": path, "seconds": seconds})
+    with _cache_lock():
+        entry = _read_cache().get(key, {}).get(name, {})
+        if entry.get("path") in paths:
+            return entry["path"]
+        seconds, share = timed(TIMED_CALLS[name](dtype))
+        reference, fastest = paths[0], min(seconds, key=seconds.get)
+        path = fastest if seconds[fastest] < (1 - MARGIN) * seconds[reference] else reference
+        log.info("kernels: %s=%s for %s on this CPU (seconds: %s; CPU share %.2f)", name, path, dtype, seconds, share)
+        if share < QUIET_SHARE:
+            log.warning("other work kept the CPU busy while sd timed its %s kernels (%d %% of %d threads' time), so %s=%s "
+                        "may not be the fastest: delete %s to time them again", name, 100 * share, torch.get_num_threads(),
+                        name, path, cache_file())
+        _store(key, name, {"path": path, "seconds": seconds, "cpu_share": round(share, 2)})
     return path
+
+
+@contextlib.contextmanager
+def _cache_lock():
+    """Held while a choice is read, timed and stored: processes that share the cache (a batch's workers, a benchmark's
+    figures) then time each choice once, and all run the path it chose."""
+    try:
+        import fcntl
+
+        folder = cache_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"{CACHE_NAME}.lock", "w")
+    except (ImportError, OSError):  # no fcntl (Windows) or no folder to hold the lock: time without it
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def cache_key(dtype: torch.dtype) -> str:
@@ -284,3 +305,5 @@ def packing_calls(dtype: torch.dtype) -> dict:
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}
+# packing's plain path runs the chosen layout and linear path: they are chosen first
+TIMED_AFTER = {"packing": ("channels_last", "linear")}

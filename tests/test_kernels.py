@@ -3,6 +3,7 @@ outputs within its dtype's rounding, and the timing that chooses is made once an
 
 import json
 import logging
+import threading
 
 import pytest
 import torch
@@ -123,12 +124,31 @@ def test_an_alternative_must_beat_the_reference_by_the_margin(measured, monkeypa
     assert kernels.choice("attention", CPU, torch.float32) == "sdpa"
 
 
-def test_a_timing_made_while_the_cpu_was_busy_holds_for_the_process_only(measured, monkeypatch, tmp_path, caplog):
+def test_a_timing_made_while_the_cpu_was_busy_is_named_in_a_warning_and_kept(measured, monkeypatch, tmp_path, caplog):
+    """Kept all the same: processes sharing the cache must run the same paths, to make the same images."""
     monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": 2.0, "pieces": 1.0}, 0.49))
     with caplog.at_level(logging.WARNING, logger="sd"):
         assert kernels.choice("attention", CPU, torch.float32) == "pieces"
     assert "other work kept the CPU busy while sd timed its attention kernels (49 % of" in caplog.text
-    assert not (tmp_path / kernels.CACHE_NAME).exists()
+    assert f"delete {tmp_path / kernels.CACHE_NAME} to time them again" in caplog.text
+    [entry] = json.loads((tmp_path / kernels.CACHE_NAME).read_text()).values()
+    assert entry["attention"]["cpu_share"] == 0.49
+
+
+def test_a_process_waits_for_another_timing_the_same_choice_and_takes_its_path(measured, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    lock = open(tmp_path / f"{kernels.CACHE_NAME}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as another process timing the attention holds it
+    chosen = []
+    waiting = threading.Thread(target=lambda: chosen.append(kernels.choice("attention", CPU, torch.float32)))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()
+    (tmp_path / kernels.CACHE_NAME).write_text(json.dumps({kernels.cache_key(torch.float32): {"attention": {"path": "sdpa"}}}))
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    waiting.join()
+    lock.close()
+    assert chosen == ["sdpa"] and not measured
 
 
 def test_capability_decides_without_measuring(measured, monkeypatch):

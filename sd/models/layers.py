@@ -77,9 +77,9 @@ class Linear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """F.linear with the weights cast to the input's dtype, then GELU if asked. Token sequences run as a
-    convolution where that is faster (sd/kernels.py); packed weights (pack_weights) as oneDNN's product, which applies the GELU to its fp32
-    sums before they are rounded and stored: a pass over the output less, and one rounding less (the U-Net's
-    gated feed-forward at 64x64 takes 25 ms instead of 35)."""
+    convolution where that is faster (sd/kernels.py); packed weights (pack_weights) as oneDNN's product, which
+    applies the GELU to its fp32 sums before they are rounded and stored: a pass over the output less, and one
+    rounding less (the U-Net's gated feed-forward at 64x64 takes 25 ms instead of 35)."""
     if weight.is_mkldnn:
         if x.dtype == weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
