@@ -14,8 +14,8 @@ bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so
 paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on SD 1.5's layer
 shapes at 512x512 decides (on a 2-core Zen 4: 1.5 s for fp32, 0.8 s for bf16), once per CPU model and flags,
 torch version, thread count and dtype. The result is kept in memory for the process and in `kernels.json` in sd's
-cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd), with a warning where other work kept the CPU
-busy meanwhile (QUIET_SHARE). An alternative must beat the reference by MARGIN: packing costs load time, and timings
+cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd; $SD_KERNELS_CACHE names another file), with a
+warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An alternative must beat the reference by MARGIN: packing costs load time, and timings
 wander by a few percent.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
@@ -139,12 +139,12 @@ def _choose(name: str, dtype: torch.dtype) -> str:
 def _cache_lock():
     """Held while a choice is read, timed and stored: processes that share the cache (a batch's workers, a benchmark's
     figures) then time each choice once, and all run the path it chose."""
+    path = cache_file()
     try:
         import fcntl
 
-        folder = cache_folder()
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / f"{CACHE_NAME}.lock", "w")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(f"{path.name}.lock"), "w")
     except (ImportError, OSError):  # no fcntl (Windows) or no folder to hold the lock: time without it
         yield
         return
@@ -178,7 +178,8 @@ def cpu_flags() -> list[str]:
 
 
 def cache_file() -> Path:
-    return cache_folder() / CACHE_NAME
+    """$SD_KERNELS_CACHE, else kernels.json in sd's cache folder."""
+    return Path(os.environ.get("SD_KERNELS_CACHE") or cache_folder() / CACHE_NAME)
 
 
 def _read_cache(warn: bool = True) -> dict:

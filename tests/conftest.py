@@ -10,10 +10,13 @@ from checkpoints import random_sd15_state_dict, write_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_folder(tmp_path_factory):
-    """sd's cache (model hashes, kernel choices: sd/kernels.py) in a folder of the session's, never the user's; the
-    commands the tests start inherit it, so the kernel timing runs once per dtype for the whole session."""
+    """sd's cache in a folder of the session's, never the user's. The kernel choices (sd/kernels.py) have a file of
+    their own there, which tests that give SD_CACHE_DIR a folder of theirs keep: the commands the tests start
+    inherit it, so that each choice is timed once in the session and every process runs the same paths."""
+    folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("SD_CACHE_DIR", str(folder))
+        patch.setenv("SD_KERNELS_CACHE", str(folder / "kernels.json"))
         yield
 
 

@@ -55,7 +55,7 @@ def test_every_path_gives_the_reference_outputs(name, dtype, monkeypatch, tmp_pa
         pytest.skip("packing is for oneDNN on x86")
     if name == "packing" and dtype == torch.bfloat16 and not cpu_has_bf16():
         pytest.skip("oneDNN runs packed bf16 weights only with bf16 instructions")
-    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / kernels.CACHE_NAME))
     monkeypatch.setenv("SD_KERNELS", REFERENCE)
     reference = demo_outputs(dtype)
     for path in kernels.CHOICES[name][1:]:
@@ -91,6 +91,7 @@ def measured(monkeypatch, tmp_path):
     """The choices made afresh (nothing in memory, SD_KERNELS unset) into a cache in tmp_path, with a timing of the
     attention that counts its calls and finds `pieces` twice as fast."""
     monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SD_KERNELS_CACHE", raising=False)
     monkeypatch.delenv("SD_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_chosen", {})
     calls = []
@@ -117,6 +118,10 @@ def test_a_choice_is_measured_once_and_cached_by_cpu_and_torch_version(measured,
     monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: measured again, beside the first entry
     assert kernels.choice("attention", CPU, torch.float32) == "pieces" and len(measured) == 2
     assert len(json.loads((tmp_path / kernels.CACHE_NAME).read_text())) == 2
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / "elsewhere.json"))  # another file: timed again, kept there
+    assert kernels.choice("attention", CPU, torch.float32) == "pieces" and len(measured) == 3
+    assert len(json.loads((tmp_path / "elsewhere.json").read_text())) == 1
 
 
 def test_an_alternative_must_beat_the_reference_by_the_margin(measured, monkeypatch):
@@ -176,13 +181,12 @@ def test_a_damaged_or_unwritable_cache_is_ignored_with_a_warning(measured, monke
 
 
 def test_the_real_timing_chooses_every_path(monkeypatch, tmp_path):
-    """fp32 only (the bf16 timing is the same code): every choice measured on SD 1.5's shapes, into tmp_path
-    (where the CPU was quiet enough: tests often share it)."""
-    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path))
+    """fp32 only (the bf16 timing is the same code): every choice timed on SD 1.5's shapes and cached."""
+    monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / kernels.CACHE_NAME))
     monkeypatch.delenv("SD_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_chosen", {})
     chosen = kernels.choose_all(torch.float32)
     assert all(chosen[name] in paths for name, paths in kernels.CHOICES.items())
-    cache = tmp_path / kernels.CACHE_NAME
-    for entry in json.loads(cache.read_text()).values() if cache.exists() else []:
-        assert all(entry[name]["path"] == chosen[name] for name in entry)
+    [entry] = json.loads((tmp_path / kernels.CACHE_NAME).read_text()).values()
+    timed = [name for name in kernels.CHOICES if len(kernels.candidates(name, torch.float32)) > 1]
+    assert {name: entry[name]["path"] for name in entry} == {name: chosen[name] for name in timed}
