@@ -23,11 +23,11 @@ from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.kernels import forced_by_environment
 from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.files.metadata import read_infotext_of
 from sd.files.loader import check_vae, image_size, read_controlnet
-from sd.kernels import forced_by_environment
 from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_controlnets, cached_models, find_checkpoint, generate, pick_device
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.sampling.samplers import SAMPLERS, karras_by_default
