@@ -390,8 +390,9 @@ def cached_models(checkpoint: Path, device: torch.device, dtype: torch.dtype, va
 def unet_with_loras(stages: Stages, lora_changes: dict):
     """The U-Net with the LoRAs' changes merged for a render's sampling passes (merged once for both of hires fix's),
     where it rests between them: on `idle_device` if given (each pass then moves the merged weights to the device),
-    else on the device."""
-    stages.models["diffusion"].to(stages.idle_device if stages.idle_device is not None else stages.device)
+    else on the device. Without LoRAs it stays where it is."""
+    if lora_changes:
+        stages.models["diffusion"].to(stages.idle_device if stages.idle_device is not None else stages.device)
     with merged(lora_changes):
         yield
 

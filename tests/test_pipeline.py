@@ -119,3 +119,12 @@ def test_idle_device_receives_each_model_after_its_stage():
     with memory.on_device(model, torch.device("cpu"), idle_device="meta") as active:
         assert active.weight.device.type == "cpu"
     assert model.weight.device.type == "meta"
+
+
+def test_unet_without_loras_stays_where_it_is():
+    # a render without LoRAs must not move the U-Net before its stage: with an idle device that would be a
+    # needless copy of the whole U-Net
+    unet = torch.nn.Linear(2, 2, device="meta")
+    stages = pipeline.Stages({"diffusion": unet}, torch.device("cpu"), "cpu", torch.float32, torch.float32, False)
+    with pipeline.unet_with_loras(stages, {}):
+        assert unet.weight.device.type == "meta"
