@@ -5,6 +5,7 @@ Backgrounds are black, white or gray, drawn at random and named in half of the c
 background"); prompts that do not name one leave it to the model.
 """
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -30,7 +31,11 @@ HELD_OUT = (("purple", "triangle"), ("green", "circle"), ("orange", "square"))
 # Where each position puts the object's centre, as fractions of the image's width and height.
 CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
 JITTER = 0.05  # of the side, each way
-RADIUS = (0.13, 0.17)  # of the side: the circle's radius, the square's and the triangle's half width
+# Of the side: the circle's radius, the square's and the triangle's half width. Large enough that a square's
+# corners reach into the next latent pixel: at (0.13, 0.17), with the square's half width 0.9 radii for the same
+# area as the circle, the VAE's latents of the two differed by 0.06, against 0.15 for a circle and a triangle,
+# and the model drew one round shape for both; here they differ by 0.13 (triangle 0.21).
+RADIUS = (0.17, 0.21)
 
 PHRASINGS = (
     "a {colour} {shape} on the {position}",
@@ -134,11 +139,12 @@ def paint(canvas: torch.Tensor, scenes: list[Scene], shapes: torch.Tensor) -> to
 
 
 def inside_shape(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Whether each point (x, y), in radii from the centre, lies in the shape: all three are as wide as tall."""
+    """Whether each point (x, y), in radii from the centre, lies in the shape: all three are as wide as tall, the
+    circle inscribed in the square."""
     if shape == "circle":
         return x**2 + y**2 <= 1
     if shape == "square":
-        return (x.abs() <= 0.9) & (y.abs() <= 0.9)
+        return (x.abs() <= 1) & (y.abs() <= 1)
     # an upright triangle, apex at the top, its box 2 radii wide and tall
     depth = (y + 1) / 2  # 0 at the apex, 1 at the base
     return (depth >= 0) & (depth <= 1) & (x.abs() <= depth)
@@ -153,36 +159,66 @@ class Reading:
     position: str | None
 
 
-# Fill of the object's bounding box: triangle 0.5, circle pi/4 = 0.79, square 1; the limits lie between.
-FILL_LIMITS = (0.64, 0.9)
+CORNER = 0.2  # of the bounding box's height and width: the side of each corner that shape_measures looks at
 
 
 def read_image(pixels: np.ndarray) -> Reading:
-    """Colour, shape and position of the one object in an (H, W, 3) uint8 image.
-
-    The background is the median colour of the border; the object, the pixels more than half as far from it as
-    the farthest ones (a robust maximum). Colour: the nearest of COLOURS to the object's core pixels; shape: how
-    much of its bounding box it fills; position: its centre's offset from the image's centre, along the axis
-    where that offset is larger.
-    """
-    image = pixels.astype(np.float32)
-    height, width, _ = image.shape
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(image - background, axis=-1)  # (H, W)
-    far = np.percentile(distance, 99.5)
-    if far < 60:  # no object stands out from the background
+    """Colour, shape and position of the one object in an (H, W, 3) uint8 image (see find_object). Colour: the
+    nearest of COLOURS to the object's core pixels; shape: the shape whose drawings' measures (shape_measures) are
+    nearest to the object's; position: its centre's offset from the image's centre, along the axis where that
+    offset is larger."""
+    found = find_object(pixels)
+    if found is None:
         return Reading(None, None, None)
-    mask = distance > far / 2
-    core = image[distance > 0.75 * far].mean(axis=0)
+    mask, core = found
     colour = min(COLOURS, key=lambda name: np.linalg.norm(core - np.array(COLOURS[name])))
+    measures = shape_measures(mask)
+    shape = min(SHAPES, key=lambda name: np.linalg.norm(measures - shape_prototypes()[name]))
+    height, width = mask.shape
     rows, cols = np.nonzero(mask)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum() / box
-    shape = "triangle" if fill < FILL_LIMITS[0] else "circle" if fill < FILL_LIMITS[1] else "square"
     dx, dy = cols.mean() + 0.5 - width / 2, rows.mean() + 0.5 - height / 2
     if abs(dx) >= abs(dy):
         position = "left" if dx < 0 else "right"
     else:
         position = "top" if dy < 0 else "bottom"
     return Reading(colour, shape, position)
+
+
+def find_object(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The object's mask (H, W) and the mean colour of its core, or None where nothing stands out. The background
+    is the median colour of the border; the object, the pixels more than half as far from it as the farthest ones
+    (a robust maximum); its core, those more than three quarters as far."""
+    image = pixels.astype(np.float32)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    distance = np.linalg.norm(image - np.median(border, axis=0), axis=-1)  # (H, W)
+    far = np.percentile(distance, 99.5)
+    if far < 60:
+        return None
+    return distance > far / 2, image[distance > 0.75 * far].mean(axis=0)
+
+
+def shape_measures(mask: np.ndarray) -> np.ndarray:
+    """How much of its bounding box's two top corners, its two bottom corners and the whole box an object's mask
+    (H, W) covers. Drawn, a circle covers 0.15, 0.15, 0.79; a square 1, 1, 1; a triangle (apex up) 0, 0.83, 0.53.
+
+    The corners tell a square with wavy sides from a circle (the share of the box alone, 0.8 or so for both, does
+    not) and a triangle with rounded corners from either.
+    """
+    rows, cols = np.nonzero(mask)
+    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].astype(np.float32)
+    corner_height, corner_width = (max(1, round(CORNER * side)) for side in box.shape)
+    left, right = slice(None, corner_width), slice(-corner_width, None)
+    top, bottom = box[:corner_height], box[-corner_height:]
+    return np.array([(top[:, left].mean() + top[:, right].mean()) / 2, (bottom[:, left].mean() + bottom[:, right].mean()) / 2, box.mean()])
+
+
+@functools.cache
+def shape_prototypes() -> dict[str, np.ndarray]:
+    """Each shape's mean shape_measures over drawings of it in every colour, position and background."""
+    generator = torch.Generator().manual_seed(0)
+    prototypes = {}
+    for shape in SHAPES:
+        scenes = [Scene(colour, shape, position, background) for colour in COLOURS for position in POSITIONS for background in BACKGROUNDS]
+        pixels = ((draw(scenes, generator) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+        prototypes[shape] = np.mean([shape_measures(find_object(image)[0]) for image in pixels], axis=0)
+    return prototypes
