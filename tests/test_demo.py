@@ -21,6 +21,7 @@ from sd.models.unet import UNetConfig
 from sd.pipeline import DEFAULT_CHECKPOINTS, DEMO_CHECKPOINT
 from sd.models.clip import CLIPConfig
 from sd.training import train as training
+from sd.sampling.schedule import SD15
 from sd.settings import COMMAND_DEFAULTS
 from sd.training.evaluate import accuracy, render_all
 from sd.training.world import HELD_OUT, Reading, Scene, combinations, random_batch, read_image
@@ -136,6 +137,26 @@ def test_a_stopped_run_resumes_where_it_was_saved(trained, tmp_path, monkeypatch
         again = load_models(resumed)[name].state_dict()
         for key, value in model.state_dict().items():
             torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_the_u_net_stage_runs_its_cycles_in_turn():
+    """Each cycle warms up to its own peak and decays to a tenth of it; the loss weights are capped where it says."""
+    cycles = (training.Cycle(10, 8e-4, 2, 5.0), training.Cycle(12, 4e-4, 3, None))
+    run = training.Run(TINY, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    rates = []
+    for step in range(22):
+        cycle, within = training.cycle_at(cycles, step)
+        training.set_learning_rate(run, within, cycle.peak, cycle.steps, cycle.warmup)
+        rates.append(run.optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(4e-4) and rates[1] == pytest.approx(8e-4) and 8e-5 < rates[9] < 1.5 * 8e-5
+    assert rates[10] == pytest.approx(4e-4 / 3) and rates[12] == pytest.approx(4e-4) and 4e-5 < rates[21] < 1.5 * 4e-5
+    assert rates[1:10] == sorted(rates[1:10], reverse=True) and rates[12:] == sorted(rates[12:], reverse=True)
+    assert training.cycle_at(cycles, 10) == (cycles[1], 0)
+    with pytest.raises(ValueError):
+        training.cycle_at(cycles, 22)
+    late = torch.tensor([999, 100])
+    uncapped = training.loss_weights(late, SD15.alphas_cumprod, "v")
+    assert uncapped[0] > 200 and training.loss_weights(late, SD15.alphas_cumprod, "v", 5.0).tolist() == [5.0, pytest.approx(float(uncapped[1]))]
 
 
 def test_a_run_with_other_settings_is_not_resumed(trained):

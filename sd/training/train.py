@@ -229,8 +229,7 @@ def train_unet(run: Run, state_path: Path, progress: bool) -> None:
         set_learning_rate(run, step, cycle.peak, cycle.steps, cycle.warmup)
         predicted = unet(noisy, context, timesteps)
         errors = (predicted - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        weights = loss_weights(timesteps, alphas_cumprod, config.loss_weighting, cycle.loss_weight_cap or math.inf)
-        loss = (errors * weights).mean()
+        loss = (errors * loss_weights(timesteps, alphas_cumprod, config.loss_weighting, cycle.loss_weight_cap)).mean()
         step_optimizer(run, loss)
         update_ema(run)
         run.losses.append(errors.mean().item())
@@ -239,19 +238,21 @@ def train_unet(run: Run, state_path: Path, progress: bool) -> None:
     run.step = total
 
 
-def loss_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str, cap: float = math.inf) -> torch.Tensor:
+def loss_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str, cap: float | None = None) -> torch.Tensor:
     """The weight of each sample's noise-prediction error.
 
     Unweighted ("eps"), the error in the clean image that a noise prediction implies counts SNR = abar / (1 - abar)
     times: 0.005 at t = 999, where nothing of the image is left but the layout the text must choose. The model
     then learns to read the layout off the faint signal left in the noise, and at generation, where the noise
     holds none, off the noise. Weighted by 1 + 1/SNR ("v", the weighting of a v-prediction loss), the clean
-    image's error counts SNR + 1 times: at least once at every timestep. `cap` bounds the weights (UNET_CYCLES says why).
+    image's error counts SNR + 1 times: at least once at every timestep. `cap`, where given, bounds the weights
+    (UNET_CYCLES says why).
     """
     if weighting == "eps":
         return torch.ones(timesteps.shape)
     alpha_bar = alphas_cumprod[timesteps]
-    return (1 + (1 - alpha_bar) / alpha_bar).clamp(max=cap)
+    weights = 1 + (1 - alpha_bar) / alpha_bar
+    return weights if cap is None else weights.clamp(max=cap)
 
 
 def tokens(captions: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
