@@ -23,6 +23,7 @@ from sd.errors import SDError
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
+from sd.kernels import forced_by_environment
 from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.files.metadata import read_infotext_of
@@ -56,6 +57,7 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Stable Diffusion 1.5, from scratch in PyTorch."""
+    forced_by_environment()  # a mistyped SD_KERNELS is one line before anything loads
 
 
 def png_path(ctx, param, path: Path | None) -> Path | None:

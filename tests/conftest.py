@@ -8,6 +8,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a model hub fails ins
 from checkpoints import random_sd15_state_dict, write_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory):
+    """sd's cache in a folder of the session's, never the user's. The kernel choices (sd/kernels.py) have a file of
+    their own there, which tests that give SD_CACHE_DIR a folder of theirs keep: the commands the tests start
+    inherit it, so that each choice is timed once in the session and every process runs the same paths."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_CACHE_DIR", str(folder))
+        patch.setenv("SD_KERNELS_CACHE", str(folder / "kernels.json"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def checkpoint_files(tmp_path_factory):
     """One random full-size SD 1.5 checkpoint (4.3 GB in fp32), as .safetensors and as .ckpt."""

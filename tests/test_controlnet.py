@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from checkpoints import unpacked_state_dict
 from click.testing import CliRunner
 from controlnets import control_params, controlnet_shapes, demo_sized_params, random_controlnet_state_dict, write_controlnet
 from PIL import Image, ImageDraw
@@ -75,7 +76,7 @@ def test_bare_pth_and_full_controlldm_files_load_alike(small_controlnet, tmp_pat
     bare_safetensors = write_controlnet(state, tmp_path / "bare.safetensors", DEMO_UNET)
     with_sd = {**{f"control_model.{key}": value for key, value in state.items()}, "model.diffusion_model.out.2.bias": torch.zeros(4)}
     save_file(with_sd, str(tmp_path / "controlldm.safetensors"), metadata={"sd_config": json.dumps({"controlnet": DEMO_UNET})})
-    reference = load_controlnet(small_controlnet).state_dict()
+    reference = unpacked_state_dict(load_controlnet(small_controlnet))
     config = UNetConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in DEMO_UNET.items()})
     for path in (tmp_path / "controlldm.safetensors", bare_safetensors, bare):
         if path.suffix == ".pth":  # no metadata in a .pth: its sizes are SD 1.5's, which this small file's are not
@@ -84,7 +85,8 @@ def test_bare_pth_and_full_controlldm_files_load_alike(small_controlnet, tmp_pat
             continue
         loaded = load_controlnet(path)
         assert loaded.config == config
-        assert all(torch.equal(loaded.state_dict()[key], value) for key, value in reference.items())
+        loaded_state = unpacked_state_dict(loaded)
+        assert all(torch.equal(loaded_state[key], value) for key, value in reference.items())
 
 
 @pytest.mark.parametrize("tensors, expected", [

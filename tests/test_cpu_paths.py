@@ -1,6 +1,6 @@
-"""The CPU-only paths: attention in cache-sized pieces (bf16), fp32 linear layers run as 1x1 convolutions,
-kernels cast channels_last or packed for oneDNN, and encoders whose memory-mapped weights are handed back
-after each use."""
+"""The CPU-only paths (which of them runs is chosen per CPU: sd/kernels.py, tests/test_kernels.py): attention in
+cache-sized pieces, linear layers run as 1x1 convolutions, kernels cast channels_last or packed for oneDNN, and
+encoders whose memory-mapped weights are handed back after each use."""
 
 import platform
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.models.attention import PIECE_SCORES, attend
+from sd.models.attention import PIECE_SCORES, attend, attend_in_pieces
 from sd.models.unet import GEGLU
 from sd.models.layers import Conv2d, Linear, Upsample, cast_to, linear_as_convolution, pack_weights
 from sd.precision import cpu_has_bf16
@@ -42,16 +42,19 @@ def test_bf16_attention_in_pieces_is_as_close_to_fp32_as_the_fused_kernel_allows
     q, k, v = qkv(length, key_length)
     with torch.inference_mode():
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        ours = attend(q, k, v)
+        ours = attend_in_pieces(q, k, v)
         fused = F.scaled_dot_product_attention(q, k, v)
     assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
     assert rms(ours.float() - reference) < 0.015
     assert rms(fused.float() - reference) < 0.015
 
 
-def test_fp32_and_causal_attention_run_the_fused_kernel():
+@pytest.mark.parametrize("path", ["sdpa", "pieces"])
+def test_attention_runs_the_chosen_path_and_causal_attention_the_fused_kernel(path, monkeypatch):
+    monkeypatch.setenv("SD_KERNELS", f"attention={path}")
     q, k, v = qkv(300, 300, dtype=torch.float32)
-    assert torch.equal(attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    expected = F.scaled_dot_product_attention(q, k, v) if path == "sdpa" else attend_in_pieces(q, k, v)
+    assert torch.equal(attend(q, k, v), expected)
     q, k, v = qkv(77, 77)
     assert torch.equal(attend(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
 

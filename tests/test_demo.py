@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import unpacked_state_dict
 from PIL import Image
 
 from sd import generate, load_models
@@ -134,8 +135,8 @@ def test_a_stopped_run_resumes_where_it_was_saved(trained, tmp_path, monkeypatch
     monkeypatch.setattr(training, "update_ema", original_update)
     resumed = training.train(TINY, tmp_path / "stopped.pt", tmp_path / "stopped.safetensors", progress=False)
     for name, model in load_models(whole).items():
-        again = load_models(resumed)[name].state_dict()
-        for key, value in model.state_dict().items():
+        again = unpacked_state_dict(load_models(resumed)[name])
+        for key, value in unpacked_state_dict(model).items():
             torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
 
 

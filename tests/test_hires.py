@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from checkpoints import unpacked_state_dict
 from click.testing import CliRunner
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -73,7 +74,7 @@ def test_the_second_pass_runs_the_last_hires_steps_of_a1111s_longer_schedule(dem
 
 def test_an_inpainting_checkpoint_gets_text_to_image_conditioning_at_the_hires_size(demo):
     """The demo U-Net widened to an inpainting checkpoint's 9 input channels (the 5 new ones weighted 0)."""
-    state = demo["diffusion"].state_dict()
+    state = unpacked_state_dict(demo["diffusion"])
     first = state["input_blocks.0.0.weight"]  # (48, 4, 3, 3)
     state["input_blocks.0.0.weight"] = torch.cat([first, torch.zeros(first.shape[0], 5, *first.shape[2:])], dim=1)  # (48, 9, 3, 3)
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from checkpoints import random_sd15_state_dict, write_checkpoint
+from checkpoints import random_sd15_state_dict, unpacked_state_dict, write_checkpoint
 from click.testing import CliRunner
 from diffusers import StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -229,7 +229,7 @@ def inpainting_models(inpainting_checkpoint):
 def ordinary_models(inpainting_models):
     """An SD 1.5 U-Net without a second 4 GB checkpoint: the inpainting one with its first convolution cut to the
     4 latent channels (a view, no copy)."""
-    state = inpainting_models["diffusion"].state_dict()
+    state = unpacked_state_dict(inpainting_models["diffusion"])
     state["input_blocks.0.0.weight"] = state["input_blocks.0.0.weight"][:, :4]
     with torch.device("meta"):
         unet = UNet(UNetConfig())

@@ -15,6 +15,7 @@ real mistake (a wrong norm epsilon or a swapped projection gives errors of order
 import gc
 
 import torch
+from checkpoints import unpacked_state_dict
 from reference import reference_clip, reference_unet
 
 from sd import load_models
@@ -84,8 +85,8 @@ def test_clip_matches_transformers(models, safetensors_checkpoint):
 def test_ckpt_and_safetensors_load_the_same_weights(models, ckpt_checkpoint):
     from_ckpt = load_models(ckpt_checkpoint)
     for name, model in models.items():
-        theirs = from_ckpt[name].state_dict()
-        for key, value in model.state_dict().items():
+        theirs = unpacked_state_dict(from_ckpt[name])
+        for key, value in unpacked_state_dict(model).items():
             assert torch.equal(value, theirs[key]), f"{name}.{key}"
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd import generate, load_models, precision
+from sd import generate, kernels, load_models, precision
 from sd.errors import SDError
 from sd.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, cast_to, packing_pays
 
@@ -40,12 +40,16 @@ def test_the_real_cpu_check_answers():
     assert isinstance(precision.cpu_has_bf16(), bool)
 
 
+def chosen_layout(dtype: torch.dtype) -> torch.memory_format:
+    return torch.channels_last if kernels.choice("channels_last", CPU, dtype) == "on" else torch.contiguous_format
+
+
 LAYERS = [
     (lambda: Linear(16, 8), lambda layer, x: F.linear(x, layer.weight.float(), layer.bias.float()), (3, 16)),
-    # kernels are cast channels_last (sd/models/layers.py), and oneDNN sums in another order for each layout (on an AVX2
-    # EPYC the two differ in the last bit), so the reference takes that layout too
+    # kernels are cast channels_last where that is faster (sd/kernels.py), and oneDNN sums in another order for each
+    # layout (on an AVX2 EPYC the two differ in the last bit), so the reference takes the chosen layout too
     (lambda: Conv2d(4, 8, 3, padding=1),
-     lambda layer, x: F.conv2d(x, layer.weight.float().contiguous(memory_format=torch.channels_last), layer.bias.float(), padding=1),
+     lambda layer, x: F.conv2d(x, layer.weight.float().contiguous(memory_format=chosen_layout(torch.float32)), layer.bias.float(), padding=1),
      (2, 4, 5, 5)),
     (lambda: GroupNorm(2, 8), lambda layer, x: F.group_norm(x, 2, layer.weight.float(), layer.bias.float(), layer.eps), (2, 8, 3, 3)),
     (lambda: LayerNorm(16), lambda layer, x: F.layer_norm(x, (16,), layer.weight.float(), layer.bias.float(), layer.eps), (3, 16)),
@@ -77,12 +81,13 @@ def test_cast_keeps_memory_layout_and_skips_matching_dtypes():
     assert same is kernel and none is None
 
 
-def test_convolution_kernels_load_channels_last(models):
-    """The U-Net's and the decoder's; the image encoder keeps the checkpoint's tensors and casts its kernels
-    channels_last on use (tests/test_cpu_paths.py)."""
-    kernels = [p for name in ("diffusion", "decoder") for p in models[name].parameters() if p.dim() == 4]
-    assert len(kernels) > 100
-    assert all(kernel.is_contiguous(memory_format=torch.channels_last) for kernel in kernels)
+def test_convolution_kernels_load_in_the_chosen_layout(models):
+    """The U-Net's and the decoder's, channels_last where that is faster (sd/kernels.py); the image encoder keeps
+    the checkpoint's tensors and casts its kernels on use (tests/test_cpu_paths.py)."""
+    loaded = [p for name in ("diffusion", "decoder") for p in models[name].parameters() if p.dim() == 4]
+    assert len(loaded) > 100
+    # packed ones (sd/kernels.py) have oneDNN's own layout
+    assert all(kernel.is_mkldnn or kernel.is_contiguous(memory_format=chosen_layout(torch.float32)) for kernel in loaded)
 
 
 def test_bf16_weights_give_nearly_the_fp32_image(models, safetensors_checkpoint):

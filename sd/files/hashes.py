@@ -20,11 +20,15 @@ CHUNK_BYTES = 4 << 20  # reads of this size keep a 4 GB checkpoint out of memory
 CACHE_NAME = "model_hashes.json"
 
 
-def cache_file() -> Path:
+def cache_folder() -> Path:
+    """sd's cache folder: $SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd."""
     if os.environ.get("SD_CACHE_DIR"):
-        return Path(os.environ["SD_CACHE_DIR"]) / CACHE_NAME
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "sd" / CACHE_NAME
+        return Path(os.environ["SD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd"
+
+
+def cache_file() -> Path:
+    return cache_folder() / CACHE_NAME
 
 
 def cached_sha256(path: str | Path, kind: str = "sha256") -> str | None:

@@ -13,7 +13,9 @@ from ..models.decoder import Decoder
 from ..models.unet import UNet, UNetConfig
 from ..models.encoder import Encoder
 from ..errors import SDError
+from ..kernels import choice
 from ..models.layers import pack_weights, packing_pays
+from ..precision import compute_dtype
 from .converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
 from ..models.vae import VAEConfig
 from .vae_file import VAE_PREFIX, read_vae_file, vae_refusal, vae_target
@@ -34,8 +36,8 @@ def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch
     The U-Net and the decoder hold their weights in `dtype`. On a CPU the text encoder and the VAE encoder,
     which run once per prompt or image, keep the checkpoint's memory-mapped tensors as they are (cast on
     use, sd/models/layers.py): their `mapped_parameters` can be handed back to the file after each use
-    (`release_mapped`), so that they take no memory while the U-Net and the decoder run. In bf16 on a CPU
-    with bf16 instructions, the U-Net's and the decoder's weights are packed in oneDNN's layouts
+    (`release_mapped`), so that they take no memory while the U-Net and the decoder run. Where it pays on the
+    CPU (sd/kernels.py), the U-Net's and the decoder's weights are packed in oneDNN's layouts
     (sd/models/layers.py, pack_weights).
     """
     tensors = read_checkpoint(checkpoint)
@@ -91,8 +93,7 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
     kind = device.type
     packed = PACKED_MODELS if packing_pays(device, dtype) else ()
     file_pages = {tensor.data_ptr() for tensor in tensors.values()} if kind == "cpu" else set()
-    # channels_last convolutions are 10-20 % faster on CPU (oneDNN) and on CUDA; MPS gains nothing
-    state = convert(tensors, expected, dtype, device, channels_last=kind != "mps", keep=MAPPED_MODELS if kind == "cpu" else (),
+    state = convert(tensors, expected, dtype, device, channels_last=loads_channels_last(device, dtype), keep=MAPPED_MODELS if kind == "cpu" else (),
                     target=target, refusal=refusal)
     for name, model in models.items():
         prefix = name + "."
@@ -105,6 +106,12 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
             model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
         if name in packed:
             pack_weights(model)
+
+
+def loads_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether convolution kernels stored in `dtype` are laid out channels_last at load: where convolutions in
+    the dtype they compute in are faster so (sd/kernels.py), as the layers would cast them on each call."""
+    return choice("channels_last", device, compute_dtype(dtype, device)) == "on"
 
 
 def release_mapped(model: nn.Module) -> None:
@@ -168,7 +175,7 @@ def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
         controlnet = ControlNet(config, hint_channels=tensors[CONTROLNET_PREFIX + "input_hint_block.0.weight"].shape[1])
     expected = {f"controlnet.{key}": value.shape for key, value in controlnet.state_dict().items()}
     device = torch.device(device)
-    state = convert(tensors, expected, dtype, device, channels_last=device.type != "mps", refusal="not an SD 1.5 ControlNet: tensors {problems}; " + CONTROLNET_HINT)
+    state = convert(tensors, expected, dtype, device, channels_last=loads_channels_last(device, dtype), refusal="not an SD 1.5 ControlNet: tensors {problems}; " + CONTROLNET_HINT)
     controlnet.load_state_dict({key.removeprefix("controlnet."): value for key, value in state.items()}, strict=True, assign=True)
     del state
     controlnet.eval().requires_grad_(False)

@@ -1,14 +1,15 @@
 """Multi-head attention, shared by CLIP, the U-Net and the VAE.
 
 Both classes run `attend`: `F.scaled_dot_product_attention`, which picks a fused kernel (flash or
-memory-efficient) where one exists and never materialises the (L, L) score matrix, except in bf16 on a
-CPU, where cache-sized pieces of it are faster.
+memory-efficient) where one exists and never materialises the (L, L) score matrix, or, on a CPU where that is
+faster (sd/kernels.py decides), plain matrix products over cache-sized pieces of the scores.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import choice
 from .layers import Linear
 
 
@@ -19,17 +20,19 @@ PIECE_SCORES = 2**21
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, L, d) tensors.
 
-    In bf16 on a CPU, PyTorch's fused kernel reaches about 150 GFLOP/s with SD's 40-wide heads; plain
-    matrix products over pieces whose scores stay in cache run 1.3x (77 text tokens) to 2.6x (1,024
-    image tokens) faster. Their scores are rounded to bf16 before the softmax, where the fused kernel
-    keeps fp32: see benchmarks/README.md for what that does to the image.
+    In bf16 on a Zen 5, PyTorch's fused kernel reached about 150 GFLOP/s with SD's 40-wide heads; plain
+    matrix products over pieces whose scores stay in cache ran 1.3x (77 text tokens) to 2.6x (1,024
+    image tokens) faster. The pieces have no causal mask (CLIP's), which stays with the fused kernel.
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal:
-        return _attend_in_pieces(q, k, v)
+    if not causal and choice("attention", q.device, q.dtype) == "pieces":
+        return attend_in_pieces(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attend's plain matrix products, PIECE_SCORES scores at a time. In bf16 the scores are rounded to bf16
+    before the softmax, where the fused kernel keeps fp32: see benchmarks/README.md for what that does to the
+    image."""
     batch, heads, length, width = q.shape
     rows = max(1, PIECE_SCORES // k.shape[-2])
     value_width = v.shape[-1]

@@ -13,7 +13,6 @@ takes part in autograd (the models are loaded with requires_grad False).
 """
 
 import ctypes
-import platform
 import sys
 import threading
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import cpu_has_bf16
+from ..kernels import choice
 
 _scratch = threading.local()
 
@@ -77,16 +76,16 @@ class Linear(nn.Linear):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear with the weights cast to the input's dtype, then GELU if asked. fp32 token sequences on a CPU
-    run as a convolution; packed weights (pack_weights) as oneDNN's product, which applies the GELU to its fp32
-    sums before they are rounded and stored: a pass over the output less, and one rounding less (the U-Net's
-    gated feed-forward at 64x64 takes 25 ms instead of 35)."""
+    """F.linear with the weights cast to the input's dtype, then GELU if asked. Token sequences run as a
+    convolution where that is faster (sd/kernels.py); packed weights (pack_weights) as oneDNN's product, which
+    applies the GELU to its fp32 sums before they are rounded and stored: a pass over the output less, and one
+    rounding less (the U-Net's gated feed-forward at 64x64 takes 25 ms instead of 35)."""
     if weight.is_mkldnn:
         if x.dtype == weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
         weight = weight.to_dense()
     weight, bias = cast_to(x.dtype, weight, bias)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3:  # (B, L, C)
+    if x.dim() == 3 and choice("linear", x.device, x.dtype) == "convolution":  # (B, L, C)
         out = linear_as_convolution(x, weight, bias)
     else:
         out = F.linear(x, weight, bias)
@@ -95,8 +94,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 def linear_as_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear computed as a 1x1 convolution over a channels_last view of the tokens. On a CPU, fp32
-    F.linear runs MKL's GEMM, which on AMD processors is 1.5-2.3x slower than oneDNN's convolution (bf16
-    F.linear already runs oneDNN). Both views are free; the sum is the same (fp32 results agree to rounding)."""
+    F.linear runs MKL's GEMM, which on a Zen 5 was 1.5-2.3x slower than oneDNN's convolution (bf16 F.linear
+    runs oneDNN already). Both views are free; the sum is the same (fp32 results agree to rounding)."""
     *leading, width = x.shape
     # (..., C_in) -> (1, C_in, N, 1), laid out as the (N, C_in) rows it already is
     tokens = x.reshape(1, -1, 1, width).permute(0, 3, 1, 2)
@@ -112,8 +111,10 @@ class Conv2d(nn.Conv2d):
             if x.dtype == weight.dtype:
                 return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
             weight = weight.to_dense()
-        # kernels kept as the checkpoint has them (sd/files/loader.py) are cast channels_last: 1.6x faster here
-        return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=x.device.type != "mps"))
+        # kernels kept as the checkpoint has them (sd/files/loader.py) are cast channels_last where that pays
+        # (sd/kernels.py; 1.6x faster on a Zen 5)
+        channels_last = choice("channels_last", x.device, x.dtype) == "on"
+        return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=channels_last))
 
 
 def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
@@ -134,10 +135,10 @@ def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilati
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether pack_weights pays for models of `dtype` on `device`: for bf16 on an x86 CPU with bf16
-    instructions (oneDNN). In fp32 it gains nothing measurable (a U-Net step with packed convolutions 5.51 s,
-    plain 5.47; linear layers faster or slower by shape) and would add 1.5 s to the load."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and platform.machine().lower() in ("x86_64", "amd64") and cpu_has_bf16()
+    """Whether pack_weights pays for models whose weights are stored in `dtype` on `device`: sd/kernels.py
+    decides (never where bf16 computes in fp32). On a Zen 5 it paid in bf16; in fp32 it gained nothing
+    measurable (a U-Net step with packed convolutions 5.51 s, plain 5.47) and added 1.5 s to the load."""
+    return choice("packing", device, dtype) == "on"
 
 
 def pack_weights(model: nn.Module) -> None:
