@@ -162,6 +162,8 @@ def test_capability_decides_without_measuring(measured, monkeypatch):
     assert kernels.choice("attention", CPU, torch.bfloat16) == "sdpa"
     assert kernels.choice("packing", CPU, torch.bfloat16) == "off"
     assert kernels.choice("attention", CPU, torch.float16) == "sdpa" and not measured
+    # fp32 weights are never packed: the copies would double the memory the file's pages take
+    assert kernels.choice("packing", CPU, torch.float32) == "off" and not measured
 
 
 def test_a_damaged_or_unwritable_cache_is_ignored_with_a_warning(measured, monkeypatch, tmp_path, caplog):
@@ -180,13 +182,16 @@ def test_a_damaged_or_unwritable_cache_is_ignored_with_a_warning(measured, monke
     assert "could not cache the kernel choice" in caplog.text
 
 
-def test_the_real_timing_chooses_every_path(monkeypatch, tmp_path):
-    """fp32 only (the bf16 timing is the same code): every choice timed on SD 1.5's shapes and cached."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_real_timing_chooses_every_path(dtype, monkeypatch, tmp_path):
+    """Every choice left open for the dtype timed on SD 1.5's shapes and cached (bf16 times the packing)."""
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        pytest.skip("bf16 computes in fp32 on this CPU: nothing to time")
     monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / kernels.CACHE_NAME))
     monkeypatch.delenv("SD_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_chosen", {})
-    chosen = kernels.choose_all(torch.float32)
+    chosen = kernels.choose_all(dtype)
     assert all(chosen[name] in paths for name, paths in kernels.CHOICES.items())
     [entry] = json.loads((tmp_path / kernels.CACHE_NAME).read_text()).values()
-    timed = [name for name in kernels.CHOICES if len(kernels.candidates(name, torch.float32)) > 1]
+    timed = [name for name in kernels.CHOICES if len(kernels.candidates(name, dtype)) > 1]
     assert {name: entry[name]["path"] for name in entry} == {name: chosen[name] for name in timed}
