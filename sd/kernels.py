@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SDError
-from .files.hashes import cache_folder
+from .files.hashes import cache_folder, write_json_atomically
 from .precision import cpu_has_bf16
 
 log = logging.getLogger("sd")
@@ -204,14 +204,9 @@ def _store(key: str, name: str, entry: dict) -> None:
     path = cache_file()
     entries = _read_cache(warn=False)  # a damaged file was named when read for the choice, and is replaced
     entries[key] = {**entries.get(key, {}), name: entry}
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(entries, indent=1))
-        os.replace(temporary, path)  # readers see the old cache or the new one, never half of one
+        write_json_atomically(path, entries)
     except OSError as error:
-        with contextlib.suppress(OSError):  # no folder to hold it, or it was never written
-            temporary.unlink()
         log.warning("could not cache the kernel choice in %s (%s): it will be measured again next time", path, error.strerror)
 
 

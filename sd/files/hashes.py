@@ -6,6 +6,7 @@ The cache is a small JSON file, `model_hashes.json` in $SD_CACHE_DIR, else $XDG_
 modification time are those it was hashed at.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -117,14 +118,24 @@ def _store(key: str, identity: dict, kind: str, digest: str) -> None:
     entry = entries.get(key, {})
     kept = entry if all(entry.get(name) == value for name, value in identity.items()) else {}
     entries[key] = {**kept, **identity, kind: digest}
+    try:
+        write_json_atomically(path, entries)
+    except OSError as error:
+        log.warning("could not cache the model hash in %s (%s): it will be computed again next time", path, error.strerror)
+
+
+def write_json_atomically(path: Path, data) -> None:
+    """Writes `data` as JSON through a temporary file beside `path`, so that readers see the old file or the new
+    one, never half of one. Raises OSError (no folder to hold it, a full disk), leaving no temporary file."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(entries, indent=1))
-        os.replace(temporary, path)  # readers see the old cache or the new one, never half of one
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        log.warning("could not cache the model hash in %s (%s): it will be computed again next time", path, error.strerror)
+        temporary.write_text(json.dumps(data, indent=1))
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # never written, or no folder to hold it
+            temporary.unlink()
+        raise
 
 
 def old_hash(path: str | Path) -> str:
