@@ -151,6 +151,26 @@ def test_packed_weights_compute_the_same_sums(dtype):
     assert relative_error(packed_tokens, plain_tokens) < bound
 
 
+def test_weights_packed_from_another_dtype_equal_those_cast_first():
+    """The loader leaves a packed model's weights as the checkpoint has them (fp32 here) and pack_weights casts
+    each in the scratch buffer: the same packed layers, biases, norms and 1x1 kernels as from weights cast to
+    bf16 first, so the same outputs, bit for bit. A half, fold or bias taken from a reused scratch buffer would
+    differ."""
+    if not cpu_has_bf16():
+        pytest.skip("bf16 weights are packed only on CPUs with bf16 instructions")
+    cast_first, from_fp32 = random_layers(torch.bfloat16), random_layers(torch.float32)
+    originals, released = list(from_fp32.parameters()), []
+    pack_weights(cast_first)
+    pack_weights(from_fp32, torch.bfloat16, channels_last=True, done=released.append)
+    assert all(p.dtype == torch.bfloat16 for p in from_fp32.parameters())
+    assert from_fp32[1].weight.is_contiguous(memory_format=torch.channels_last)
+    # each fp32 weight and bias handed to `done` once, when replaced (the loader releases its file pages)
+    assert sorted(map(id, released)) == sorted(map(id, originals))
+    x = torch.randn(2, 4, 19, 21, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(from_fp32(x), cast_first(x))
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_upsampling_to_a_size_other_than_twice_is_nearest_upsampling_then_the_convolution(packed):
     """Where halving rounded up on the way down (9 -> 5 latents), the U-Net upsamples to one less than twice
@@ -163,7 +183,7 @@ def test_upsampling_to_a_size_other_than_twice_is_nearest_upsampling_then_the_co
     weight, bias = layer.conv.weight.clone(), layer.conv.bias.clone()
     x = torch.randn(1, 16, 5, 7, generator=torch.Generator().manual_seed(2))
     if packed:
-        layer.pack()
+        layer.pack(torch.float32)
     with torch.inference_mode():
         for size in [(9, 13), (9, 14), (10, 13), (10, 14)]:
             expected = F.conv2d(F.interpolate(x, size=size, mode="nearest"), weight, bias, padding=1)

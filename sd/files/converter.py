@@ -253,6 +253,9 @@ def convert(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Size]
             wrong_shapes.append(f"{'+'.join(original_names[name])} {[list(p.shape) for p in pieces.values()]} (expected {list(expected[name])})")
         else:
             state[name] = tensor
+            if mapped and len(pieces) > 1 and name.startswith(keep):
+                for piece in pieces.values():  # fused from the file's pages into a new tensor: read once, done with
+                    release_pages(piece)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_some(missing)})")

@@ -91,10 +91,17 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
     the meta device, each weight strictly, as load_models describes."""
     expected = {f"{name}.{key}": value.shape for name, model in models.items() for key, value in model.state_dict().items()}
     kind = device.type
-    packed = PACKED_MODELS if packing_pays(device, dtype) else ()
+    packed = tuple(f"{name}." for name in PACKED_MODELS) if packing_pays(device, dtype) else ()
     file_pages = {tensor.data_ptr() for tensor in tensors.values()} if kind == "cpu" else set()
-    state = convert(tensors, expected, dtype, device, channels_last=loads_channels_last(device, dtype), keep=MAPPED_MODELS if kind == "cpu" else (),
+    channels_last = loads_channels_last(device, dtype)
+    # models to be packed keep the file's tensors too: pack_weights casts each in a scratch buffer, not a new copy
+    state = convert(tensors, expected, dtype, device, channels_last=channels_last, keep=MAPPED_MODELS + packed if kind == "cpu" else (),
                     target=target, refusal=refusal)
+
+    def done(tensor: torch.Tensor) -> None:
+        if tensor.data_ptr() in file_pages:
+            release_pages(tensor)
+
     for name, model in models.items():
         prefix = name + "."
         own = {key[len(prefix):]: state.pop(key) for key in list(state) if key.startswith(prefix)}
@@ -104,8 +111,8 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
         model.eval().requires_grad_(False)
         if prefix in MAPPED_MODELS:
             model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
-        if name in packed:
-            pack_weights(model)
+        if prefix in packed:
+            pack_weights(model, dtype, channels_last, done)
 
 
 def loads_channels_last(device: torch.device, dtype: torch.dtype) -> bool:

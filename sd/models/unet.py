@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear, pack_linear_weight
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, cast_to, linear, pack_linear_weight
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,13 @@ class GEGLU(nn.Module):
         (hidden_weight, gate_weight), (hidden_bias, gate_bias) = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
         return hidden_weight, hidden_bias, gate_weight, gate_bias
 
-    def pack(self) -> None:
-        """Keeps the two halves of proj_in, each packed for oneDNN (a packed weight has no halves to take), in
-        place of proj_in, which is dropped (see sd/models/layers.py, pack_weights)."""
+    def pack(self, dtype: torch.dtype) -> None:
+        """Keeps the two halves of proj_in in `dtype`, each packed for oneDNN (a packed weight has no halves to
+        take), in place of proj_in, which is dropped (see sd/models/layers.py, pack_weights)."""
         hidden_weight, hidden_bias, gate_weight, gate_bias = self.halves()
-        self.packed = pack_linear_weight(hidden_weight), hidden_bias, pack_linear_weight(gate_weight), gate_bias
+        # each half cast into the scratch buffer and packed before the next is cast there
+        hidden_weight, gate_weight = (pack_linear_weight(cast_to(dtype, weight)[0]) for weight in (hidden_weight, gate_weight))
+        self.packed = hidden_weight, hidden_bias.to(dtype), gate_weight, gate_bias.to(dtype)
         del self.proj_in
 
 
