@@ -25,7 +25,7 @@ UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 # Models that keep the checkpoint's own tensors on a CPU (see load_models).
 MAPPED_MODELS = ("clip.", "encoder.")
 # Models whose weights are packed for oneDNN (see load_models).
-PACKED_MODELS = ("diffusion", "decoder")
+PACKED_MODELS = ("diffusion", "decoder", "controlnet")
 VAE_MODELS = ("encoder", "decoder")
 
 
@@ -180,14 +180,7 @@ def load_controlnet(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
     config = controlnet_config(tensors, path)
     with torch.device("meta"):
         controlnet = ControlNet(config, hint_channels=tensors[CONTROLNET_PREFIX + "input_hint_block.0.weight"].shape[1])
-    expected = {f"controlnet.{key}": value.shape for key, value in controlnet.state_dict().items()}
-    device = torch.device(device)
-    state = convert(tensors, expected, dtype, device, channels_last=loads_channels_last(device, dtype), refusal="not an SD 1.5 ControlNet: tensors {problems}; " + CONTROLNET_HINT)
-    controlnet.load_state_dict({key.removeprefix("controlnet."): value for key, value in state.items()}, strict=True, assign=True)
-    del state
-    controlnet.eval().requires_grad_(False)
-    if packing_pays(device, dtype):
-        pack_weights(controlnet)
+    fill({"controlnet": controlnet}, tensors, torch.device(device), dtype, refusal="not an SD 1.5 ControlNet: tensors {problems}; " + CONTROLNET_HINT)
     return controlnet
 
 
