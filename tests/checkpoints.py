@@ -73,7 +73,7 @@ def unpacked_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict as it was before pack_weights (sd/models/layers.py), which the CPU may have chosen
     (sd/kernels.py): packed weights in their plain layout, and those the U-Net's feed-forward and upsampling layers
     keep packed apart under their original names (the upsampling's 3x3 kernel unfolded, to fp32 rounding)."""
-    from sd.models.layers import Upsample, unfold_taps
+    from sd.models.layers import Upsample
     from sd.models.unet import GEGLU
 
     state = {key: value.to_dense() if value.is_mkldnn else value for key, value in model.state_dict().items()}
@@ -83,9 +83,7 @@ def unpacked_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.proj_in.weight"] = torch.cat([hidden.to_dense(), gate.to_dense()])
             state[f"{name}.proj_in.bias"] = torch.cat([hidden_bias, gate_bias])
         elif isinstance(layer, Upsample) and layer.packed is not None:
-            kernels, bias = layer.packed
-            kernels = [kernel.to_dense().float() for kernel in kernels]
-            rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
-            state[f"{name}.conv.weight"] = unfold_taps(*rows, dim=2).to(bias.dtype)
+            bias = layer.packed[1]
+            state[f"{name}.conv.weight"] = layer.unfolded_kernel().to(bias.dtype)
             state[f"{name}.conv.bias"] = bias
     return state

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.unet import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
 from ..errors import SDError
-from ..models.layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap, unfold_taps
+from ..models.layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap
 from .lora import FILE_FIX, LoraFile, LoraTag, Module
 
 log = logging.getLogger("sd")
@@ -251,9 +251,7 @@ def dense_weight(layer: nn.Module, scratch: Scratch | None = None) -> torch.Tens
     """A copy of the layer's weight in fp32, contiguous, diffusers' shape (a packed Upsample's 3x3 kernel unfolded
     from its folded ones), in `scratch` where given."""
     if isinstance(layer, Upsample):
-        kernels = [kernel.to_dense().float() for kernel in layer.packed[0]]
-        rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
-        return unfold_taps(*rows, dim=2)
+        return layer.unfolded_kernel()
     # a GEGLU's packed halves one above the other, or the weight
     parts = layer.packed[::2] if isinstance(layer, GEGLU) else [layer.weight]
     parts = [part.to_dense() if part.is_mkldnn else part for part in parts]

@@ -254,13 +254,14 @@ class Upsample(nn.Module):
         upsampled = F.interpolate(x, size=size, mode="nearest")
         if self.packed is None:
             return self.conv(upsampled)
-        # packed (pack dropped the 3x3 kernel): unfolded in fp32 from the folded ones, along the columns for each
-        # row parity, then along the rows
-        kernels, bias = self.packed
-        kernels = [kernel.to_dense().float() for kernel in kernels]
+        return F.conv2d(upsampled, self.unfolded_kernel().to(x.dtype), self.packed[1].to(x.dtype), padding=1)
+
+    def unfolded_kernel(self) -> torch.Tensor:
+        """The 3x3 kernel that pack dropped, in fp32: unfolded from the packed folded ones, along the columns for
+        each row parity, then along the rows."""
+        kernels = [kernel.to_dense().float() for kernel in self.packed[0]]
         rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
-        weight = unfold_taps(*rows, dim=2).to(x.dtype)
-        return F.conv2d(upsampled, weight, bias.to(x.dtype), padding=1)
+        return unfold_taps(*rows, dim=2)
 
     def folded_kernels(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The four 2x2 kernels in the order of PARITIES, and the bias, in `dtype`."""
