@@ -56,7 +56,8 @@ MARGIN = 0.05
 # it had 0.49 shared, 0.96-1.00 alone. It is cached all the same: the same machine must make the same images.
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
-SHAPES = "SD 1.5 layers at 512x512"  # what was timed: change it with the shapes, so that old entries no longer count
+# What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
@@ -157,7 +158,7 @@ def _cache_lock():
 
 def cache_key(dtype: torch.dtype) -> str:
     threads = torch.get_num_threads()
-    return f"{cpu_model()}; {' '.join(cpu_flags())}; torch {torch.__version__}; {threads} threads; {dtype}; {SHAPES}"
+    return f"{cpu_model()}; {' '.join(cpu_flags())}; torch {torch.__version__}; {threads} threads; {dtype}; {TIMED}"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.models.attention import PIECE_SCORES, attend, attend_in_pieces
+from sd.models.attention import PIECE_SCORES, attend, attend_by_powers_of_two, attend_in_pieces
 from sd.models.unet import GEGLU
 from sd.models.layers import Conv2d, Linear, Upsample, cast_to, linear_as_convolution, pack_weights
 from sd.precision import cpu_has_bf16
@@ -31,15 +31,17 @@ def rms(t: torch.Tensor) -> float:
     return t.float().pow(2).mean().sqrt().item()
 
 
-@pytest.mark.parametrize("length, key_length", [(2100, 2100), (1000, 77)])
-def test_bf16_attention_in_pieces_is_as_close_to_fp32_as_the_fused_kernel_allows(length, key_length):
-    """2100 x 2100 scores make three pieces per head, the last one short. The pieces round their scores to
-    bf16 before the softmax, where PyTorch's fused kernel keeps fp32. Measured here against fp32 attention
-    on the same inputs (outputs of rms 0.48 and 0.66): 0.0062 and 0.0057 rms for the pieces (largest single
-    error 0.13), 0.0008 and 0.0012 for the fused kernel. The bound, 0.015, is that rounding with room to
-    spare; a softmax scale 10 % off gives 0.04 to 0.06, and a piece shifted by one row 0.47."""
+@pytest.mark.parametrize("length, key_length, width", [(2100, 2100, 40), (1000, 77, 40), (1500, 1500, 80)])
+def test_bf16_attention_in_pieces_is_as_close_to_fp32_as_the_fused_kernel_allows(length, key_length, width):
+    """2100 x 2100 scores make three pieces per head, the last one short, 1500 x 1500 two. The 40-wide heads take
+    powers of 2 of their scores, the 80-wide ones the softmax. The pieces round their scores to bf16 before either, where
+    PyTorch's fused kernel keeps fp32. Measured here against fp32 attention on the same inputs (outputs of rms 0.48,
+    0.66 and 0.50): 0.0072, 0.0053 and 0.0059 rms for the pieces (largest single error 0.106; the softmax of
+    every piece, before the powers of 2, gave 0.0062 and 0.0057 for the first two), 0.0008 to 0.0012 for the fused
+    kernel. The bound, 0.015, is that rounding with room to spare; a softmax scale 10 % off gives 0.04 to 0.06, and
+    a piece shifted by one row 0.47."""
     assert length * key_length > PIECE_SCORES or key_length == 77
-    q, k, v = qkv(length, key_length)
+    q, k, v = qkv(length, key_length, width)
     with torch.inference_mode():
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         ours = attend_in_pieces(q, k, v)
@@ -47,6 +49,32 @@ def test_bf16_attention_in_pieces_is_as_close_to_fp32_as_the_fused_kernel_allows
     assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
     assert rms(ours.float() - reference) < 0.015
     assert rms(fused.float() - reference) < 0.015
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_by_powers_of_two_runs_where_its_powers_are_finite_and_the_softmax_elsewhere(dtype):
+    """Powers over 2^127 overflow. Queries and keys 3x larger make scores up to about 200 (in units of ln 2,
+    290): then the softmax must give the answer. fp32, where rounding leaves room to see a wrong one: the
+    softmax's answer is 1e-5 from float64's at most; one without the largest scores would be off by about 1."""
+    q, k, v = qkv(600, 600, dtype=dtype)
+    padded = F.pad(v, (0, 8))
+    with torch.inference_mode():
+        assert torch.equal(attend_in_pieces(q, k, v), attend_by_powers_of_two(q, k, padded.clone(), 40))
+        q, k = q * 3, k * 3
+        assert not attend_by_powers_of_two(q, k, padded.clone(), 40).isfinite().all()
+        ours = attend_in_pieces(q, k, v)
+    assert ours.isfinite().all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.double(), F.scaled_dot_product_attention(q.double(), k.double(), v.double()), rtol=0, atol=1e-4)
+
+
+def test_fp16_attention_in_pieces_takes_the_softmax():
+    """fp16's largest power of 2 is 2^15: SD's scores would overflow it often."""
+    q, k, v = qkv(300, 300, dtype=torch.float16)
+    with torch.inference_mode():
+        ours = attend_in_pieces(q, k, v)
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert ours.dtype == torch.float16 and rms(ours.float() - reference) < 0.003
 
 
 @pytest.mark.parametrize("path", ["sdpa", "pieces"])
