@@ -740,9 +740,11 @@ def peers_table(results: list[dict]) -> list[str]:
     """The peers group's figures, one line per implementation: median (min) wall seconds, the median CPU seconds where
     measured (on a shared machine they move less than wall seconds), the ratio of wall medians to sd's in the same
     dtype (for stable-diffusion.cpp, whose weights are its own, in bf16 where measured), and the CPU; a peer without
-    figures says why."""
+    figures says why. diffusers is compared with sd in the process they share, a peer in a process of its own with
+    sd in its own render's process, where that ran."""
     rows = []  # (figure, implementation, wall seconds or the reason there are none, CPU seconds, dtype of sd's figure to compare with, cpu)
-    ours = {}  # (figure, dtype) -> sd's median
+    ours = {}  # (figure, dtype) -> sd's median beside diffusers
+    alone = {}  # (figure, dtype) -> sd's median in its own render
     for result in results:
         group, cpu, size = result["group"], result["cpu"], f"{result['size']}x{result['size']}"
         dtype = result.get("dtype")
@@ -756,6 +758,9 @@ def peers_table(results: list[dict]) -> list[str]:
             ours[(figure, dtype)] = result["load_s"] + result["generate_s"]
             ours[("load", dtype)] = result["load_s"]
             rows += [(figure, f"sd {dtype}", ours[(figure, dtype)], None, dtype, cpu), ("load", f"sd {dtype}", result["load_s"], None, dtype, cpu)]
+            for stage, figure in (("unet_step", f"guided U-Net step {size}"), ("vae_decode", f"VAE decode {size}")):
+                alone[(figure, dtype)] = median(result[f"{stage}_s"])
+                rows.append((figure, f"sd {dtype}, in its own render", result[f"{stage}_s"], result[f"{stage}_cpu_s"], dtype, cpu))
         elif "not_installed" in result or "failed" in result:
             name = {"openvino": "OpenVINO", "sdcpp": "stable-diffusion.cpp"}[group]
             reason = f"not installed: {result['not_installed']}" if "not_installed" in result else f"failed: {result['failed']}"
@@ -784,7 +789,8 @@ def peers_table(results: list[dict]) -> list[str]:
             continue
         text = f"{seconds['median']:.2f} ({seconds['min']:.2f})" if isinstance(seconds, dict) else f"{seconds:.2f}"
         cpu_text = f"{cpu_seconds['median']:.2f}" if cpu_seconds else "-"
-        reference = ours.get((figure, dtype)) if dtype else ours.get((figure, "bf16"), ours.get((figure, "fp32")))
+        mine = ours if name.startswith(("sd ", "diffusers")) else {**ours, **alone}
+        reference = mine.get((figure, dtype)) if dtype else mine.get((figure, "bf16"), mine.get((figure, "fp32")))
         ratio = f"{median(seconds) / reference:6.2f}" if reference else f"{'-':>6}"
         lines.append(f"{figure:{first}} {name:{width}} {text:>16} {cpu_text:>7} {ratio}  {cpu}")
     return lines

@@ -145,3 +145,25 @@ def test_peers_group_reports_peers_it_cannot_run(tmp_path):
     assert len(lines) == 4 and all(benchmark.CPU_LABEL in line for line in lines[1:])
     assert "OpenVINO bf16" in lines[1] and "not installed: no " in lines[1] and "stable-diffusion.cpp q8_0" in lines[2]
     assert "failed: RuntimeError: no CPU plugin" in lines[3]
+
+
+def test_peers_table_compares_each_peer_with_sd_measured_as_it_was():
+    """diffusers shares sd's process, so its ratio is to sd's step there; OpenVINO runs in a process of its own, so its
+    ratio is to sd's step in sd's own render."""
+    benchmark = load_benchmark_module()
+    cpu = benchmark.CPU_LABEL
+    timing = lambda seconds: {"min": seconds, "median": seconds, "runs": 1}
+    shared = dict(group="peers_torch", dtype="bf16", size=512, cpu=cpu,
+                  **{f"{impl}_{stage}_{kind}": timing(seconds) for impl, seconds in (("sd", 5.0), ("diffusers", 6.0), ("diffusers_channels_last", 7.0))
+                     for stage in ("unet_step", "vae_decode") for kind in ("s", "cpu_s")})
+    render = dict(group="peers_generate", dtype="bf16", size=512, steps=20, cpu=cpu, load_s=2.0, generate_s=90.0,
+                  **{f"{stage}_{kind}": timing(4.0) for stage in ("unet_step", "vae_decode") for kind in ("s", "cpu_s")})
+    openvino = dict(group="openvino", dtype="bf16", precision="bf16", size=512, cpu=cpu, openvino="2026.4.1-build",
+                    **{f"{stage}_{kind}": timing(4.4) for stage in ("unet_step", "vae_decode") for kind in ("s", "cpu_s")},
+                    **{f"{stage}_{step}_s": 1.0 for stage in ("unet_step", "vae_decode") for step in ("convert", "compile")})
+    lines = benchmark.peers_table([shared, render, openvino])
+    ratio = lambda figure, name: next(line.split(cpu)[0].split()[-1] for line in lines if line.startswith(figure) and name in line)
+    assert ratio("guided U-Net step", "OpenVINO") == "1.10"  # 4.4 / 4.0
+    assert ratio("VAE decode", "OpenVINO") == "1.10"
+    assert ratio("guided U-Net step", "diffusers eager") == "1.20"  # 6.0 / 5.0
+    assert ratio("guided U-Net step", "own render") == "0.80"  # 4.0 / 5.0
