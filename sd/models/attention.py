@@ -60,7 +60,8 @@ def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, values: torch.Tens
     # The keys less their mean: every score of a query moves by the same amount, which the softmax ignores, and
     # the scores of each query average 0, so the largest power is at least about 1 and the sums never underflow.
     # (B, heads, L_k, d) -> (B, heads, d, L_k), the scale and log2(e) folded in
-    centred = k.float() - k.float().mean(dim=-2, keepdim=True)  # in fp32: rounded to k's dtype once, when scaled
+    centred = k.float()  # in fp32: rounded to k's dtype once, when scaled
+    centred -= centred.mean(dim=-2, keepdim=True)
     keys = (centred * (width**-0.5 * math.log2(math.e))).to(k.dtype).transpose(-1, -2)
     values[..., value_width] = 1
     # (B, heads, L, padded d) -> (B, heads, L, d): each row's weighted values over its sum of powers
