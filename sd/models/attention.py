@@ -36,40 +36,44 @@ def attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     before the softmax, where the fused kernel keeps fp32: see benchmarks/README.md for what that does to the
     image."""
     width, value_width = q.shape[-1], v.shape[-1]
+    # bf16 only: on a Zen 4, in fp32 the cross-attention was slower so (10-12 against 9.3 ms) and the
+    # self-attention's timings wandered by half from run to run; fp16's powers of 2 stop at 2^15. Heads whose
+    # values need no padding would need 16 more columns for the sums: 80 wide, 23.5 against 21.9 ms.
+    if q.dtype == torch.bfloat16 and value_width % 16:
+        out = attend_by_powers_of_two(q, k, v)
+        if out is not None:
+            return out
     # Values padded with zero columns to a multiple of 16: SD's 40-wide heads as 48 make the scores-by-values
     # product 1.5x faster on AVX512-BF16 (a copy of the values per call, and a view of the output to undo it).
     if value_width % 16:
         v = F.pad(v, (0, -value_width % 16))
-        # bf16 only: on a Zen 4, in fp32 the cross-attention was slower so (10-12 against 9.3 ms) and the
-        # self-attention's timings wandered by half from run to run; fp16's powers of 2 stop at 2^15.
-        if q.dtype == torch.bfloat16:
-            out = attend_by_powers_of_two(q, k, v, value_width)
-            if out is not None:
-                return out
     # (B, heads, L_k, d) -> (B, heads, d, L_k), the scale folded into the keys
     keys = (k * width**-0.5).transpose(-1, -2)
     return _weighted_values(q, keys, v, lambda scores: scores.softmax(dim=-1))[..., :value_width]
 
 
-def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, value_width: int) -> torch.Tensor | None:
+def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """attend_in_pieces with 2^scores (in log2 units) in place of the softmax: one pass over each piece of scores
-    instead of the softmax's three. The values' first padding column is set to ones, so that the product with
-    the powers also gives each row's sum, divided out at the end. A 64x64 self-attention in bf16 on a Zen 4: 181
-    ms against 204. None where powers or sums overflow (past 2^128): the caller then takes the softmax."""
-    width = q.shape[-1]
+    instead of the softmax's three. The values are padded to a multiple of 16 columns (as attend_in_pieces does),
+    the first padding column ones, so that the product with the powers also gives each row's sum, divided out at
+    the end. A 64x64 self-attention in bf16 on a Zen 4: 181 ms against 204. None where powers or sums overflow
+    (past 2^128): the caller then takes the softmax."""
+    width, value_width = q.shape[-1], v.shape[-1]
     # The keys less their mean: every score of a query moves by the same amount, which the softmax ignores, and
     # the scores of each query average 0, so the largest power is at least about 1 and the sums never underflow.
     # (B, heads, L_k, d) -> (B, heads, d, L_k), the scale and log2(e) folded in
     centred = k.float()  # in fp32: rounded to k's dtype once, when scaled
     centred -= centred.mean(dim=-2, keepdim=True)
     keys = (centred * (width**-0.5 * math.log2(math.e))).to(k.dtype).transpose(-1, -2)
+    # (B, heads, L_k, d) -> (B, heads, L_k, padded d)
+    values = F.pad(v, (0, 16 - value_width % 16))
     values[..., value_width] = 1
-    # (B, heads, L, padded d) -> (B, heads, L, d): each row's weighted values over its sum of powers
     out = _weighted_values(q, keys, values, torch.Tensor.exp2_)
     sums = out[..., value_width : value_width + 1]
     # each weighted value is at most its row's sum times the largest value
-    if not sums.isfinite().all() or sums.amax().item() * values.abs().amax().item() >= torch.finfo(out.dtype).max:
+    if not sums.isfinite().all() or sums.amax().item() * v.abs().amax().item() >= torch.finfo(out.dtype).max:
         return None
+    # (B, heads, L, padded d) -> (B, heads, L, d): each row's weighted values over its sum of powers
     return out[..., :value_width] / sums
 
 
