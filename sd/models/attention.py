@@ -73,8 +73,8 @@ def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     # each weighted value is at most its row's sum times the largest value
     if not sums.isfinite().all() or sums.amax().item() * v.abs().amax().item() >= torch.finfo(out.dtype).max:
         return None
-    # (B, heads, L, padded d) -> (B, heads, L, d): each row's weighted values over its sum of powers
-    return out[..., :value_width] / sums
+    # (B, heads, L, padded d) -> (B, heads, L, d), in place: each row's weighted values over its sum of powers
+    return out[..., :value_width].div_(sums)
 
 
 def _weighted_values(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weigh) -> torch.Tensor:
