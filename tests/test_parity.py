@@ -90,15 +90,17 @@ def test_ckpt_and_safetensors_load_the_same_weights(models, ckpt_checkpoint):
             assert torch.equal(value, theirs[key]), f"{name}.{key}"
 
 
-def test_half_precision_checkpoint_loads_into_any_dtype(tmp_path):
+def test_half_precision_checkpoint_loads_into_any_dtype(safetensors_checkpoint, tmp_path):
     """fp16 and bf16 checkpoints (as most downloads are) load into fp32 and bf16 models. The U-Net and the
     decoder hold `dtype`; on a CPU the text and image encoders keep the file's tensors, but for their fused
     q/k/v projections, and compute in whatever dtype they are asked for."""
-    from checkpoints import random_sd15_state_dict, write_checkpoint
+    from safetensors.torch import load_file
 
-    half = random_sd15_state_dict(seed=5, dtype=torch.float16)  # drawn once: the bf16 file holds the same weights
+    from checkpoints import write_checkpoint
+
+    full = load_file(safetensors_checkpoint)  # the session's random weights, cast: faster than drawing new ones
     for stored in (torch.float16, torch.bfloat16):
-        weights = {name: value.to(stored) if value.dtype == torch.float16 else value for name, value in half.items()}
+        weights = {name: value.to(stored) if value.dtype == torch.float32 else value for name, value in full.items()}
         path = write_checkpoint(weights, tmp_path / f"half-{stored}.safetensors")
         del weights
         for target in (torch.float32, torch.bfloat16):
