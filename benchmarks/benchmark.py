@@ -60,6 +60,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -156,11 +157,40 @@ def timed_once(function) -> float:
 
 
 def worker_load(impl: str, checkpoint: Path, dtype: torch.dtype, **_) -> dict:
-    start = time.perf_counter()
+    """The load's seconds, and what they went to: CPU seconds, page faults, bytes read from the disk (a cold page
+    cache reads the whole file), and for sd the seconds spent reading the file's index, converting (casting where the
+    weights are not packed) and packing."""
+    phases = timed_load_phases() if impl == "sd" else {}
+    start, faults, read = clocks(), resource.getrusage(resource.RUSAGE_SELF), disk_read_bytes()
     models = (load_sd if impl == "sd" else load_diffusers)(checkpoint, dtype)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = elapsed(start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     del models
-    return {"load_s": seconds}
+    return {"load_s": seconds, "load_cpu_s": cpu_seconds, "minor_faults": after.ru_minflt - faults.ru_minflt,
+            "major_faults": after.ru_majflt - faults.ru_majflt, "disk_read_gib": (disk_read_bytes() - read) / 2**30,
+            **{f"{name}_s": sum(times) for name, times in phases.items()}}
+
+
+def timed_load_phases() -> dict[str, list[float]]:
+    """Wraps the parts of sd's load that can take long on some CPU (oneDNN's packing reorders, for one) so that
+    each call's seconds are added to the lists returned."""
+    from sd.files import loader
+
+    phases = {}
+    for name in ("read_checkpoint", "convert", "pack_weights"):
+        def timed_call(*args, _function=getattr(loader, name), _times=phases.setdefault(name, []), **kwargs):
+            start = time.perf_counter()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                _times.append(time.perf_counter() - start)
+        setattr(loader, name, timed_call)
+    return phases
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (not from the page cache)."""
+    return next(int(line.split()[1]) for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("read_bytes:"))
 
 
 class CallTimes:
@@ -613,9 +643,14 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
     return specs
 
 
+# what each load run's time went to (worker_load), kept per run
+LOAD_BREAKDOWN = ("load_cpu_s", "minor_faults", "major_faults", "disk_read_gib", "read_checkpoint_s", "convert_s", "pack_weights_s")
+
+
 def merge_results(results: list[dict]) -> list[dict]:
-    """One entry per load setting, its runs (each a fresh process) summarised as min and median; each U-Net
-    steps-in-turn result split into one entry per side, as the table pairs them (the ratios go with sd's)."""
+    """One entry per load setting, its runs (each a fresh process) summarised as min and median, with what each
+    run's time went to; each U-Net steps-in-turn result split into one entry per side, as the table pairs them
+    (the ratios go with sd's)."""
     merged, loads = [], {}
     for result in results:
         if result["group"] == "turns":
@@ -627,15 +662,29 @@ def merge_results(results: list[dict]) -> list[dict]:
             merged.append(result)
             continue
         key = (result["impl"], result["dtype"], result["format"])
+        breakdown = {name: value for name, value in result.items() if name in LOAD_BREAKDOWN}
         if key not in loads:
-            loads[key] = {**result, "load_s": [], "peak_rss_gib": []}
+            loads[key] = {**{name: value for name, value in result.items() if name not in LOAD_BREAKDOWN}, "load_s": [], "peak_rss_gib": [], "runs": []}
             merged.append(loads[key])
         loads[key]["load_s"].append(result["load_s"])
         loads[key]["peak_rss_gib"].append(result["peak_rss_gib"])
+        loads[key]["runs"].append({"load_s": result["load_s"], **breakdown})
     for entry in loads.values():
         entry.pop("run")
         entry["load_s"], entry["peak_rss_gib"] = summary(entry["load_s"]), max(entry["peak_rss_gib"])
     return merged
+
+
+def load_breakdown(results: list[dict]) -> list[str]:
+    """Where each load's fastest run went, one line per load setting."""
+    lines = []
+    for result in (r for r in results if r["group"] == "load"):
+        run = min(result["runs"], key=lambda run: run["load_s"])
+        parts = [f"{name[:-2].replace('_', ' ')} {run[name]:.2f} s" for name in ("read_checkpoint_s", "convert_s", "pack_weights_s") if name in run]
+        lines.append(f"{result['impl']} {result['dtype']} load {result['format']}, fastest run: {run['load_s']:.2f} s ({run['load_cpu_s']:.2f} CPU s), "
+                     + "".join(f"{part}, " for part in parts)
+                     + f"{run['disk_read_gib']:.2f} GiB read from disk, {run['major_faults']} major and {run['minor_faults']} minor page faults")
+    return lines
 
 
 def stage_flops(sizes: list[int]) -> dict[tuple[str, int], float]:
@@ -890,6 +939,7 @@ def main() -> None:
     lines = table(results, stage_flops(sizes), peaks) if len(results) > 1 else []  # more than the peaks
     if peers:
         lines += ["", *peers_table(peers)]
+    lines += load_breakdown(results)
     lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
     print("\n" + "\n".join(lines))

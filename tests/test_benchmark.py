@@ -39,6 +39,10 @@ def test_benchmark_measures_every_figure_for_both_implementations(safetensors_ch
         loads = {r["format"]: r for r in mine if r["group"] == "load"}
         assert set(loads) == {".safetensors"}
         assert all(r["load_s"]["min"] > 0 and r["peak_rss_gib"] > 0 for r in loads.values())
+        run, = loads[".safetensors"]["runs"]
+        assert run["load_cpu_s"] > 0 and run["minor_faults"] > 0 and run["disk_read_gib"] >= 0
+        if impl == "sd":  # its parts within the whole (fp32 weights are never packed: pack_weights 0 s)
+            assert 0 < run["read_checkpoint_s"] + run["convert_s"] + run["pack_weights_s"] <= run["load_s"]
         components = next(r for r in mine if r["group"] == "components")
         assert all(components[stage]["median"] > 0 for stage in STAGES)
         generated = next(r for r in mine if r["group"] == "generate")
@@ -51,6 +55,7 @@ def test_benchmark_measures_every_figure_for_both_implementations(safetensors_ch
     assert report["psnr_db"]["sd-fp32 vs diffusers-fp32"] > 40
     table = "\n".join(report["table"])
     assert "sd/diff" in table and "fp32 64x64" in table and "steps in turn" in table and "PSNR sd-fp32 vs diffusers-fp32" in printed
+    assert "sd fp32 load .safetensors, fastest run: " in printed and "GiB read from disk" in printed
 
 
 def assert_turns(results: list[dict], runs: int) -> None:
