@@ -3,7 +3,7 @@
 Every figure of sd against diffusers in fp32; in bf16 the U-Net steps in turn, the figure the targets are
 set on. Every group runs the same code in either dtype but for the models' loading, which the turns run too:
 with bf16 instructions both sides compute bf16, without them sd stores bf16 and computes fp32 and diffusers is
-given the same by its layerwise casting. (The full run in bf16 took 36 s more here, and minutes without bf16
+given the same by its layerwise casting. (The other groups took 37 s more in bf16 on a Zen 4, and minutes without bf16
 instructions.) Only the .safetensors file: .ckpt loading is covered by test_converter. sd's own groups
 (decode, hires, prompts) run on the demo model's small weights."""
 
