@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sd.models.attention import PIECE_SCORES, attend, attend_by_powers_of_two, attend_in_pieces
 from sd.models.unet import GEGLU
-from sd.models.layers import Conv2d, Linear, Upsample, cast_to, linear_as_convolution, pack_weights
+from sd.models.layers import Conv2d, Linear, Upsample, cast_to, fold_upsampling, linear_as_convolution, pack_weights
 from sd.precision import cpu_has_bf16
 from sd.files.loader import release_mapped
 from sd.prompts.tokenizer import encode
@@ -185,6 +185,32 @@ def test_packed_weights_compute_the_same_sums(dtype):
         assert relative_error(packed_fp32, plain_fp32) < bound
     assert packed_tokens.shape == (2, 440, 24)
     assert relative_error(packed_tokens, plain_tokens) < bound
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampling_folded_once_computes_the_same_sums(channels_last):
+    """A CPU model that is not packed keeps its upsampling layers' kernels folded, plain, in place of the 3x3 one
+    (Upsample.fold, as the loader does): the sums of the kernels folded on every call, for an output size that is
+    not twice the input's too (the 3x3 kernel unfolded again). The folded kernels follow the
+    layer to another dtype, and the weight and bias given up are handed to `done`."""
+    layer = random_layers(torch.float32)[3]
+    x = torch.randn(2, 32, 10, 11, generator=torch.Generator().manual_seed(1))
+    weight, bias, released = layer.conv.weight, layer.conv.bias, []
+    with torch.inference_mode():
+        plain, plain_resized = layer(x), layer(x, (19, 21))
+        fold_upsampling(torch.nn.Sequential(layer), channels_last, done=released.append)
+        folded, folded_resized = layer(x), layer(x, (19, 21))
+    kernels, folded_bias = layer.packed
+    assert not hasattr(layer, "conv") and released == [weight, bias]
+    assert [(kernel.shape, kernel.is_mkldnn) for kernel in kernels] == [((32, 32, 2, 2), False)] * 4
+    assert all(kernel.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format) for kernel in kernels)
+    assert folded.shape == (2, 32, 20, 22)
+    # fp32 rounding, measured: channels_last kernels sum in another order (2.8e-7 of the largest value), and the
+    # 3x3 kernel unfolded for the other size rounds its taps once (6.2e-7); a wrong tap would be of order 1
+    assert torch.equal(folded, plain) if not channels_last else relative_error(folded, plain) < 1e-6
+    assert relative_error(folded_resized, plain_resized) < 1e-6
+    layer.to(torch.bfloat16)
+    assert {kernel.dtype for kernel in layer.packed[0]} == {layer.packed[1].dtype} == {torch.bfloat16}
 
 
 def test_weights_packed_from_another_dtype_equal_those_cast_first():

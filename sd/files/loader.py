@@ -14,7 +14,7 @@ from ..models.unet import UNet, UNetConfig
 from ..models.encoder import Encoder
 from ..errors import SDError
 from ..kernels import choice
-from ..models.layers import pack_weights, packing_pays
+from ..models.layers import fold_upsampling, pack_weights, packing_pays
 from ..precision import compute_dtype
 from .converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
 from ..models.vae import VAEConfig
@@ -38,7 +38,8 @@ def load_models(checkpoint: str | Path, device="cpu", dtype: torch.dtype = torch
     use, sd/models/layers.py): their `mapped_parameters` can be handed back to the file after each use
     (`release_mapped`), so that they take no memory while the U-Net and the decoder run. Where it pays on the
     CPU (sd/kernels.py), the U-Net's and the decoder's weights are packed in oneDNN's layouts
-    (sd/models/layers.py, pack_weights).
+    (sd/models/layers.py, pack_weights); where not, and they compute in `dtype`, their upsampling layers'
+    kernels are folded once (Upsample.fold).
     """
     tensors = read_checkpoint(checkpoint)
     unet_config, vae_config, clip_config = model_configs(tensors, checkpoint)
@@ -113,6 +114,8 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
             model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
         if prefix in packed:
             pack_weights(model, dtype, channels_last, done)
+        elif kind == "cpu" and compute_dtype(dtype, device) == dtype:  # else folded on each call, in the dtype computed in
+            fold_upsampling(model, channels_last, done)
 
 
 def loads_channels_last(device: torch.device, dtype: torch.dtype) -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.unet import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
 from ..errors import SDError
-from ..models.layers import Conv2d, Linear, Upsample, fold_taps, pack_convolution_weight, pack_linear_weight, trim_heap
+from ..models.layers import Conv2d, Linear, Upsample, fold_taps, layout_of, pack_convolution_weight, pack_linear_weight, trim_heap
 from .lora import FILE_FIX, LoraFile, LoraTag, Module
 
 log = logging.getLogger("sd")
@@ -290,11 +290,18 @@ def merge_geglu(layer: GEGLU, total: torch.Tensor, bias_delta: torch.Tensor | No
 
 
 def merge_upsample(layer: Upsample, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
-    """The packed folded kernels plus the folded change: folding is linear, so fold(W + dW) = fold(W) + fold(dW)."""
+    """The folded kernels plus the folded change, packed or plain as they were: folding is linear, so
+    fold(W + dW) = fold(W) + fold(dW)."""
     kernels, bias = layer.packed
     # (C, C, 3, 3) -> 4 x (C, C, 2, 2), in the order of sd/models/layers.py PARITIES
     folded = [kernel for row in fold_taps(delta, dim=2) for kernel in fold_taps(row, dim=3)]
-    merged = [(kernel.to_dense().float() + change).to(kernel.dtype).contiguous(memory_format=torch.channels_last) for kernel, change in zip(kernels, folded)]
     if bias_delta is not None:
         bias = (bias.float() + bias_delta).to(bias.dtype)
-    layer.packed = [pack_convolution_weight(kernel, (1, 1)) for kernel in merged], bias
+
+    def stored(kernel: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        merged = (kernel.to_dense().float() + change).to(kernel.dtype)
+        if kernel.is_mkldnn:
+            return pack_convolution_weight(merged.contiguous(memory_format=torch.channels_last), (1, 1))
+        return merged.contiguous(memory_format=layout_of(kernel))
+
+    layer.packed = [stored(kernel, change) for kernel, change in zip(kernels, folded)], bias
