@@ -142,9 +142,8 @@ def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def fold_upsampling(model: nn.Module, channels_last: bool, done=None) -> None:
-    """Folds the model's upsampling layers' kernels once (Upsample.fold): for a CPU model that is not packed and
-    computes in its weights' dtype.
-    `done` is called with each weight and bias dropped."""
+    """Folds the model's upsampling layers' kernels once (Upsample.fold), for a CPU model that is not packed and
+    computes in its weights' dtype; `done` is called with each weight and bias dropped."""
     done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if isinstance(layer, Upsample)]:
         dropped = layer.conv.weight, layer.conv.bias
