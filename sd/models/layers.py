@@ -268,7 +268,7 @@ class Upsample(nn.Module):
         return F.conv2d(upsampled, self.unfolded_kernel().to(x.dtype), self.packed[1].to(x.dtype), padding=1)
 
     def unfolded_kernel(self) -> torch.Tensor:
-        """The 3x3 kernel that pack dropped, in fp32: unfolded from the packed folded ones, along the columns for
+        """The 3x3 kernel that pack or fold dropped, in fp32: unfolded from the folded ones, along the columns for
         each row parity, then along the rows."""
         kernels = [kernel.to_dense().float() for kernel in self.packed[0]]
         rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
