@@ -191,8 +191,8 @@ def test_packed_weights_compute_the_same_sums(dtype):
 def test_upsampling_folded_once_computes_the_same_sums(channels_last):
     """A CPU model that is not packed keeps its upsampling layers' kernels folded, plain, in place of the 3x3 one
     (Upsample.fold, as the loader does): the sums of the kernels folded on every call, for an output size that is
-    not twice the input's too (the 3x3 kernel unfolded again). The folded kernels follow the
-    layer to another dtype, and the weight and bias given up are handed to `done`."""
+    not twice the input's too (the 3x3 kernel unfolded again). The folded kernels follow the layer to another
+    dtype, and the weight and bias given up are handed to `done`."""
     layer = random_layers(torch.float32)[3]
     x = torch.randn(2, 32, 10, 11, generator=torch.Generator().manual_seed(1))
     weight, bias, released = layer.conv.weight, layer.conv.bias, []
@@ -200,7 +200,7 @@ def test_upsampling_folded_once_computes_the_same_sums(channels_last):
         plain, plain_resized = layer(x), layer(x, (19, 21))
         fold_upsampling(torch.nn.Sequential(layer), channels_last, done=released.append)
         folded, folded_resized = layer(x), layer(x, (19, 21))
-    kernels, folded_bias = layer.packed
+    kernels = layer.packed[0]
     assert not hasattr(layer, "conv") and released == [weight, bias]
     assert [(kernel.shape, kernel.is_mkldnn) for kernel in kernels] == [((32, 32, 2, 2), False)] * 4
     assert all(kernel.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format) for kernel in kernels)

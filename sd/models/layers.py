@@ -141,15 +141,22 @@ def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     return choice("packing", device, dtype) == "on"
 
 
-def fold_upsampling(model: nn.Module, channels_last: bool, done=None) -> None:
+def fold_upsampling(model: nn.Module, channels_last: bool, done) -> None:
     """Folds the model's upsampling layers' kernels once (Upsample.fold), for a CPU model that is not packed and
     computes in its weights' dtype; `done` is called with each weight and bias dropped."""
-    done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if isinstance(layer, Upsample)]:
-        dropped = layer.conv.weight, layer.conv.bias
-        layer.fold(channels_last)
-        for tensor in dropped:
-            done(tensor)
+        replace_own_weights(layer, lambda: layer.fold(channels_last), done)
+
+
+def replace_own_weights(layer: nn.Module, replace, done) -> None:
+    """Runs `replace()`, which stores the layer's weights in another form (pack, fold), then calls `done` with each
+    parameter the layer no longer holds."""
+    before = list(layer.parameters())
+    replace()
+    kept = {id(parameter) for parameter in layer.parameters()}
+    for parameter in before:
+        if id(parameter) not in kept:
+            done(parameter)
 
 
 def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = True, done=None) -> None:
@@ -176,12 +183,8 @@ def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_la
     """
     done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if hasattr(layer, "pack")]:
-        before = list(layer.parameters())
-        layer.pack(dtype or before[0].dtype)
-        kept = {id(parameter) for parameter in layer.parameters()}
-        for parameter in before:
-            if id(parameter) not in kept:
-                done(parameter)
+        stored = dtype or next(layer.parameters()).dtype
+        replace_own_weights(layer, lambda: layer.pack(stored), done)
         trim_heap()
     for layer in model.modules():
         if isinstance(layer, Conv2d) and layer.kernel_size != (1, 1):
