@@ -127,17 +127,18 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    # laid out for a 512x512 image's latents; 3x3 kernels measured as fast as plain or faster from 2x2 to
-    # 48x48 inputs, batch 1 to 4, the upsampling's 2x2 ones at 8x8 to 32x32 (without the input's size oneDNN
-    # assumes 1x1)
-    typical_input = (1, weight.shape[1] * groups, 64, 64)
+    # laid out for 8x8 inputs (without an input size oneDNN assumes 1x1). At SD 1.5's widths this runs as fast
+    # as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and 512: 1.00x and 0.98x, the same
+    # sums); at 48-192 channels (the demo model's) that one was 10-50x slower than plain, reordered on each call.
+    typical_input = (1, weight.shape[1] * groups, 8, 8)
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether pack_weights pays for models whose weights are stored in `dtype` on `device`: sd/kernels.py
-    decides (never where bf16 computes in fp32). On a Zen 5 it paid in bf16; in fp32 it gained nothing
-    measurable (a U-Net step with packed convolutions 5.51 s, plain 5.47) and added 1.5 s to the load."""
+    decides (never where bf16 computes in fp32). On a Zen 4 a packed guided 512x512 U-Net step took 0.89x the
+    plain one's time in fp32, and a render's peak fell (the file's pages are handed back as the copies are made),
+    for 2 s more at the load; with AVX2 alone, where channels_last was chosen, packing gained nothing."""
     return choice("packing", device, dtype) == "on"
 
 
