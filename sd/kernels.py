@@ -11,8 +11,8 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
 
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
-paths; packing needs oneDNN on x86 and bf16 weights. Where more than one path is left, a short timing of each on
-SD 1.5's layer shapes at 512x512 decides (on a 2-core Zen 4: 1.3 s for fp32, 1.1 s for bf16), once per CPU model and
+paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on
+SD 1.5's layer shapes at 512x512 decides (on a 2-core Zen 4: 1.6 s for fp32, 1.1 s for bf16), once per CPU model and
 flags, torch version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
 process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd;
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
@@ -57,7 +57,7 @@ MARGIN = 0.05
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 # What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
-TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2"
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2; kernels packed for 8x8 inputs"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
@@ -103,9 +103,7 @@ def candidates(name: str, dtype: torch.dtype) -> tuple[str, ...]:
     paths = CHOICES[name]
     if dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_bf16()):
         return paths[:1]  # never the dtype our models compute in here (sd/precision.py): nothing to gain
-    if name == "packing" and not (X86_ONEDNN and dtype == torch.bfloat16):
-        # fp32: packing copies weights that could stay the file's pages (a 512x512 render's peak 7.40 GiB
-        # against 4.21 on a Zen 4), for layer timings 1.5x faster there but no faster whole step on a Zen 5
+    if name == "packing" and not X86_ONEDNN:
         return paths[:1]
     return paths
 
