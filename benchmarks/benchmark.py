@@ -899,7 +899,8 @@ def main() -> None:
     parser.add_argument("--peer-envs", type=Path, default=ROOT, help="--only peers: the folder of the peers' environments, .venv-openvino and .venv-sdcpp "
                                                                       "(default: the checkout's, where `make peer-envs` puts them)")
     parser.add_argument("--peer-steps", type=int, default=2, help="--only peers: stable-diffusion.cpp's steps, whose times give one step's (default 2)")
-    parser.add_argument("--sdcpp-wtypes", nargs="+", default=["f16", "q8_0"], help="--only peers: stable-diffusion.cpp's weight types (default f16 q8_0)")
+    parser.add_argument("--sdcpp-wtypes", nargs="*", default=["f16", "q8_0"],
+                        help="--only peers: stable-diffusion.cpp's weight types (default f16 q8_0; none: leave it out, as when only sd's dtype changed)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--controlnet", type=Path, help="--only controlnet: an existing ControlNet file instead of a new random one")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")
