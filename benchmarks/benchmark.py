@@ -555,13 +555,20 @@ def cpu_description() -> dict:
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
     flags = set(fields.get("flags", "").split())
     return {"model_name": fields.get("model name", platform.processor()), "family": fields.get("cpu family"), "model": fields.get("model"),
-            "avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": {"amx_tile", "amx_bf16"} <= flags}
+            "avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": {"amx_tile", "amx_bf16"} <= flags,
+            "capped": {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}}
+
+
+# Variables that keep PyTorch, oneDNN (OpenVINO's too) and MKL below the CPU's own instructions: set to AVX2 on a
+# newer CPU, they run the code paths of a CPU with AVX2 alone.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_label(cpu: dict) -> str:
-    """E.g. "AMD EPYC (family 25, model 17): AVX2, AVX512-BF16, no AMX"."""
+    """E.g. "AMD EPYC (family 25, model 17): AVX2, AVX512-BF16, no AMX", and the caps set on its instructions."""
     capabilities = [name if cpu[key] else f"no {name}" for key, name in (("avx2", "AVX2"), ("avx512_bf16", "AVX512-BF16"), ("amx", "AMX"))]
-    return f"{cpu['model_name']} (family {cpu['family']}, model {cpu['model']}): {', '.join(capabilities)}"
+    capped = "".join(f"; {name}={value}" for name, value in cpu.get("capped", {}).items())
+    return f"{cpu['model_name']} (family {cpu['family']}, model {cpu['model']}): {', '.join(capabilities)}{capped}"
 
 
 CPU_LABEL = cpu_label(cpu_description())
