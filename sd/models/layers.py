@@ -136,9 +136,9 @@ def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilati
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether pack_weights pays for models whose weights are stored in `dtype` on `device`: sd/kernels.py
-    decides (never where bf16 computes in fp32). On a Zen 4 a packed guided 512x512 U-Net step took 0.89x the
+    decides (never where bf16 computes in fp32). On a Zen 4 a packed guided 512x512 U-Net step took 0.87-0.91x the
     plain one's time in fp32, and a render's peak fell (the file's pages are handed back as the copies are made),
-    for 2 s more at the load; with AVX2 alone, where channels_last was chosen, packing gained nothing."""
+    for 1.7 s more at the load; with AVX2 alone, where channels_last was chosen, packing gained nothing."""
     return choice("packing", device, dtype) == "on"
 
 
