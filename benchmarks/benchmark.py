@@ -547,6 +547,11 @@ PEERS = {"openvino": (".venv-openvino", "openvino_peer.py"), "sdcpp": (".venv-sd
 PEER_SCRIPTS = ROOT / "benchmarks" / "peers"
 
 
+# Variables that keep PyTorch, oneDNN (OpenVINO's too) and MKL below the CPU's own instructions: set to AVX2 on a
+# newer CPU, they run the code paths of a CPU with AVX2 alone.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu_description() -> dict:
     """The CPU's model and the capabilities that decide which kernels are fastest on it, from /proc/cpuinfo's
     first processor (elsewhere only the processor's name)."""
@@ -557,11 +562,6 @@ def cpu_description() -> dict:
     return {"model_name": fields.get("model name", platform.processor()), "family": fields.get("cpu family"), "model": fields.get("model"),
             "avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": {"amx_tile", "amx_bf16"} <= flags,
             "capped": {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}}
-
-
-# Variables that keep PyTorch, oneDNN (OpenVINO's too) and MKL below the CPU's own instructions: set to AVX2 on a
-# newer CPU, they run the code paths of a CPU with AVX2 alone.
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_label(cpu: dict) -> str:
