@@ -12,11 +12,13 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
 paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on
-SD 1.5's layer shapes at 512x512 decides (on a 2-core Zen 4: 1.9 s for fp32, 1.3 s for bf16), once per CPU model and
-flags, torch version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
+SD 1.5's layer shapes decides (on a 2-core Zen 4: 2.1-2.5 s for fp32, 1.3-1.5 s for bf16), once per CPU model and flags,
+torch version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
 process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd;
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
-alternative must beat the reference by MARGIN: packing costs load time, and timings wander by a few percent.
+alternative must beat the reference by MARGIN over all the shapes timed (packing costs load time, and timings wander by
+a few percent), and be at most SLOWER_AT_MOST times as slow at each: one fast shape must not buy a path that makes
+renders of another size several times slower.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
 """
@@ -50,6 +52,11 @@ CHOICES = {
 PATHS_OFF_CPU = {"cuda": {"attention": "sdpa", "packing": "off", "linear": "matmul", "channels_last": "on"}}
 PATHS_OFF_CPU["mps"] = {**PATHS_OFF_CPU["cuda"], "channels_last": "off"}
 MARGIN = 0.05
+# oneDNN lays a packed kernel out for one input shape; where it runs another shape in another layout it reorders the
+# kernel on each call. With AVX2 alone (a Zen 4 capped at AVX2) that made some shapes 3-40x slower packed: a guided
+# 128x128 U-Net step 4.8x, an unguided 384x384 one 3.1x, while a 512x512 guided one ran 0.97x. Timings of one shape
+# wander by about 10 %.
+SLOWER_AT_MOST = 1.25
 # Under other work the paths slow down unequally (many small products wait on descheduled threads: the pieces'
 # attention ran 5x slower than the fused kernel on a 2-core Zen 4 sharing its cores, 1.3x faster alone), so a
 # timing during which this process had less than this share of its threads' CPU time is named in a warning: there
@@ -57,7 +64,7 @@ MARGIN = 0.05
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 # What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
-TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2; kernels packed for 8x8 inputs"
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2; kernels packed for 8x8 inputs; packing checked at 2x2 and 32x32"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
@@ -125,8 +132,7 @@ def _choose(name: str, dtype: torch.dtype) -> str:
         if entry.get("path") in paths:
             return entry["path"]
         seconds, share = timed(TIMED_CALLS[name](dtype))
-        reference, fastest = paths[0], min(seconds, key=seconds.get)
-        path = fastest if seconds[fastest] < (1 - MARGIN) * seconds[reference] else reference
+        path = fastest_that_pays(seconds, paths)
         log.info("kernels: %s=%s for %s on this CPU (seconds: %s; CPU share %.2f)", name, path, dtype, seconds, share)
         if share < QUIET_SHARE:
             log.warning("other work kept the CPU busy while sd timed its %s kernels (%d %% of %d threads' time), so %s=%s "
@@ -134,6 +140,19 @@ def _choose(name: str, dtype: torch.dtype) -> str:
                         name, path, cache_file())
         _store(key, name, {"path": path, "seconds": seconds, "cpu_share": round(share, 2)})
     return path
+
+
+def fastest_that_pays(seconds: dict[str, list[float]], paths: tuple[str, ...]) -> str:
+    """The fastest of `paths` over all the shapes timed (seconds per path and shape), where it beats the reference
+    (the first path) by MARGIN in all and is at most SLOWER_AT_MOST times as slow at each shape; else the reference."""
+    reference = seconds[paths[0]]
+
+    def pays(path):
+        cases = seconds.get(path)
+        return (cases is not None and sum(cases) < (1 - MARGIN) * sum(reference)
+                and all(own <= SLOWER_AT_MOST * theirs for own, theirs in zip(cases, reference)))
+
+    return min(filter(pays, paths[1:]), key=lambda path: sum(seconds[path]), default=paths[0])
 
 
 @contextlib.contextmanager
@@ -209,26 +228,29 @@ def _store(key: str, name: str, entry: dict) -> None:
         log.warning("could not cache the kernel choice in %s (%s): it will be measured again next time", path, error.strerror)
 
 
-def timed(calls: dict, turns: int = 3, hopeless: float = 1.5) -> tuple[dict[str, float], float]:
-    """The best of `turns` seconds of each call, the calls taking turns (so that a busy spell hits all of them),
-    after one warm-up each (oneDNN builds its kernels on the first call), and the share of its threads' CPU time
-    this process had meanwhile. A call slower than `hopeless` times the fastest in two turns is not timed a third
-    time (one turn could be a busy spell)."""
-    best = dict.fromkeys(calls, float("inf"))
+def timed(calls: dict[str, list], turns: int = 3, hopeless: float = 1.5) -> tuple[dict[str, list[float]], float]:
+    """The best of `turns` seconds of each path's calls (one per shape), the paths taking turns (so that a busy
+    spell hits all of them), after one warm-up each (oneDNN builds its kernels on the first call), and the share of
+    its threads' CPU time this process had meanwhile. A path slower in all than `hopeless` times the fastest in two
+    turns is not timed a third time (one turn could be a busy spell)."""
+    best = {path: [float("inf")] * len(cases) for path, cases in calls.items()}
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for call in calls.values():
-            call()
+        for cases in calls.values():
+            for call in cases:
+                call()
         running = dict(calls)
         for turn in range(turns):
-            for path, call in running.items():
-                start = time.perf_counter()
-                call()
-                best[path] = min(best[path], time.perf_counter() - start)
+            for path, cases in running.items():
+                for index, call in enumerate(cases):
+                    start = time.perf_counter()
+                    call()
+                    best[path][index] = min(best[path][index], time.perf_counter() - start)
             if turn == 1:
-                running = {path: call for path, call in running.items() if best[path] < hopeless * min(best.values())}
+                fastest = min(map(sum, best.values()))
+                running = {path: cases for path, cases in running.items() if sum(best[path]) < hopeless * fastest}
     share = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
-    return {path: round(seconds, 5) for path, seconds in best.items()}, share
+    return {path: [round(seconds, 5) for seconds in cases] for path, cases in best.items()}, share
 
 
 # a generator of its own: the global one must draw the same noise whether or not this process measured
@@ -248,8 +270,8 @@ def attention_calls(dtype: torch.dtype) -> dict:
     # against 9.9 ms), where these pick the pieces in every run (35-39 against 51 ms), as the whole step does.
     cases = [[_random(dtype, 1, heads, length, width) for length in (queries, keys, keys)]
              for heads, queries, keys, width in ((2, 4096, 4096, 40), (2, 1024, 1024, 80), (8, 4096, 77, 40))]
-    return {"sdpa": lambda: [F.scaled_dot_product_attention(*case) for case in cases],
-            "pieces": lambda: [attend_in_pieces(*case) for case in cases]}
+    return {"sdpa": [functools.partial(F.scaled_dot_product_attention, *case) for case in cases],
+            "pieces": [functools.partial(attend_in_pieces, *case) for case in cases]}
 
 
 def linear_calls(dtype: torch.dtype) -> dict:
@@ -259,14 +281,20 @@ def linear_calls(dtype: torch.dtype) -> dict:
     # first product at 32x32
     shapes = ((4096, 320, 320), (1024, 640, 2560))
     cases = [(_random(dtype, 1, tokens, width), _random(dtype, out, width)) for tokens, width, out in shapes]
-    return {"matmul": lambda: [F.linear(x, weight) for x, weight in cases],
-            "convolution": lambda: [linear_as_convolution(x, weight, None) for x, weight in cases]}
+    return {"matmul": [functools.partial(F.linear, x, weight) for x, weight in cases],
+            "convolution": [functools.partial(linear_as_convolution, x, weight, None) for x, weight in cases]}
 
 
-def convolution_cases(dtype: torch.dtype, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, C, H, W) inputs and 3x3 kernels in `layout`: a quarter of the U-Net's top level (320 channels, 16 of the
-    64x64 latents' rows) and its lowest level (1280 channels, 8x8, batch 2: the guided batch)."""
-    shapes = ((1, 320, 16, 64), (2, 1280, 8, 8))
+# (B, C, H, W) inputs of 3x3 convolutions: a quarter of the U-Net's top level at 512x512 (320 channels, 16 of the
+# 64x64 latents' rows) and its lowest level (1280 channels, 8x8, batch 2: the guided batch)
+SD_CONVOLUTIONS = ((1, 320, 16, 64), (2, 1280, 8, 8))
+# and shapes where a kernel packed for one shape may run in another layout: the lowest level of a guided 128x128
+# image, the top level of an unguided 256x256 one
+OTHER_SIZES = ((2, 1280, 2, 2), (1, 320, 32, 32))
+
+
+def convolution_cases(dtype: torch.dtype, layout: torch.memory_format, shapes=SD_CONVOLUTIONS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs of `shapes` and 3x3 kernels, in `layout`."""
     return [(_random(dtype, batch, channels, height, width).contiguous(memory_format=layout),
              _random(dtype, channels, channels, 3, 3).mul_(0.02).contiguous(memory_format=layout))
             for batch, channels, height, width in shapes]
@@ -278,28 +306,22 @@ def channels_last_calls(dtype: torch.dtype) -> dict:
         return F.conv2d(F.silu(F.group_norm(x, 32)), kernel, padding=1)
 
     plain, laid_out = convolution_cases(dtype, torch.contiguous_format), convolution_cases(dtype, torch.channels_last)
-    return {"off": lambda: [residual_block_part(*case) for case in plain],
-            "on": lambda: [residual_block_part(*case) for case in laid_out]}
+    return {"off": [functools.partial(residual_block_part, *case) for case in plain],
+            "on": [functools.partial(residual_block_part, *case) for case in laid_out]}
 
 
 def packing_calls(dtype: torch.dtype) -> dict:
     from .models.layers import linear, pack_convolution_weight, pack_linear_weight, packed_convolution
 
     layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
-    convolutions = convolution_cases(dtype, layout)
-    packed_kernels = [pack_convolution_weight(kernel, (1, 1)) for _, kernel in convolutions]
+    convolutions = convolution_cases(dtype, layout, SD_CONVOLUTIONS + OTHER_SIZES)
     # the feed-forward's first product at 32x32: (1, 1024, 640) tokens, (2560, 640) weight
     tokens, weight = _random(dtype, 1, 1024, 640), _random(dtype, 2560, 640)
-    packed_weight = pack_linear_weight(weight)
-
-    def plain():
-        return [F.conv2d(x, kernel, padding=1) for x, kernel in convolutions] + [linear(tokens, weight, None)]
-
-    def packed():
-        convolved = [packed_convolution(x, kernel, None, (1, 1)) for (x, _), kernel in zip(convolutions, packed_kernels)]
-        return convolved + [linear(tokens, packed_weight, None)]
-
-    return {"off": plain, "on": packed}
+    plain = [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in convolutions]
+    packed = [functools.partial(packed_convolution, x, pack_convolution_weight(kernel, (1, 1)), None, (1, 1))
+              for x, kernel in convolutions]
+    return {"off": plain + [functools.partial(linear, tokens, weight, None)],
+            "on": packed + [functools.partial(linear, tokens, pack_linear_weight(weight), None)]}
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}

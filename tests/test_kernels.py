@@ -101,7 +101,7 @@ def measured(monkeypatch, tmp_path):
         return {"sdpa": None, "pieces": None}
 
     monkeypatch.setitem(kernels.TIMED_CALLS, "attention", attention_calls)
-    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": 2.0, "pieces": 1.0}, 0.95))
+    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [2.0], "pieces": [1.0]}, 0.95))
     return calls
 
 
@@ -125,13 +125,20 @@ def test_a_choice_is_measured_once_and_cached_by_cpu_and_torch_version(measured,
 
 
 def test_an_alternative_must_beat_the_reference_by_the_margin(measured, monkeypatch):
-    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": 1.0, "pieces": 1 - kernels.MARGIN / 2}, 0.95))
+    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [1.0], "pieces": [1 - kernels.MARGIN / 2]}, 0.95))
     assert kernels.choice("attention", CPU, torch.float32) == "sdpa"
+
+
+@pytest.mark.parametrize("slower", [0.9 * kernels.SLOWER_AT_MOST, 1.1 * kernels.SLOWER_AT_MOST])
+def test_an_alternative_much_slower_at_one_shape_is_not_chosen(measured, monkeypatch, slower):
+    """Twice as fast in all, but each shape counts: packed kernels ran some image sizes 3-40x slower with AVX2."""
+    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [1.0, 0.1], "pieces": [0.4, 0.1 * slower]}, 0.95))
+    assert kernels.choice("attention", CPU, torch.float32) == ("pieces" if slower <= kernels.SLOWER_AT_MOST else "sdpa")
 
 
 def test_a_timing_made_while_the_cpu_was_busy_is_named_in_a_warning_and_kept(measured, monkeypatch, tmp_path, caplog):
     """Kept all the same: processes sharing the cache must run the same paths, to make the same images."""
-    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": 2.0, "pieces": 1.0}, 0.49))
+    monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [2.0], "pieces": [1.0]}, 0.49))
     with caplog.at_level(logging.WARNING, logger="sd"):
         assert kernels.choice("attention", CPU, torch.float32) == "pieces"
     assert "other work kept the CPU busy while sd timed its attention kernels (49 % of" in caplog.text

@@ -130,6 +130,7 @@ def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilati
     # laid out for 8x8 inputs (without an input size oneDNN assumes 1x1). At SD 1.5's widths this runs as fast
     # as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and 512: 1.00x and 0.98x, the same
     # sums); at 48-192 channels (the demo model's) that one was 10-50x slower than plain, reordered on each call.
+    # With AVX2 alone no one layout (1x1, 8x8, 32x32, 64x64) suits every size: sd/kernels.py times other sizes.
     typical_input = (1, weight.shape[1] * groups, 8, 8)
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
 
@@ -138,7 +139,7 @@ def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether pack_weights pays for models whose weights are stored in `dtype` on `device`: sd/kernels.py
     decides (never where bf16 computes in fp32). On a Zen 4 a packed guided 512x512 U-Net step took 0.87-0.91x the
     plain one's time in fp32, and a render's peak fell (the file's pages are handed back as the copies are made),
-    for 1.7 s more at the load; with AVX2 alone, where channels_last was chosen, packing gained nothing."""
+    for 1.7 s more at the load; with AVX2 alone it made other image sizes 3-5x slower (sd/kernels.py's OTHER_SIZES)."""
     return choice("packing", device, dtype) == "on"
 
 
