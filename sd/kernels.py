@@ -148,9 +148,8 @@ def fastest_that_pays(seconds: dict[str, list[float]], paths: tuple[str, ...]) -
     reference = seconds[paths[0]]
 
     def pays(path):
-        cases = seconds.get(path)
-        return (cases is not None and sum(cases) < (1 - MARGIN) * sum(reference)
-                and all(own <= SLOWER_AT_MOST * theirs for own, theirs in zip(cases, reference)))
+        cases = seconds[path]
+        return sum(cases) < (1 - MARGIN) * sum(reference) and all(own <= SLOWER_AT_MOST * theirs for own, theirs in zip(cases, reference))
 
     return min(filter(pays, paths[1:]), key=lambda path: sum(seconds[path]), default=paths[0])
 
