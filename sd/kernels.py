@@ -12,13 +12,13 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
 paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on
-SD 1.5's layer shapes decides (on a 2-core Zen 4: 2.1-2.5 s for fp32, 1.3-1.5 s for bf16), once per CPU model and flags,
+SD 1.5's layer shapes decides (on a 2-core Zen 4: 2.1-2.7 s for fp32, 1.3-1.5 s for bf16), once per CPU model and flags,
 torch version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
 process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd;
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
-alternative must beat the reference by MARGIN over all the shapes timed (packing costs load time, and timings wander by
-a few percent), and be at most SLOWER_AT_MOST times as slow at each: one fast shape must not buy a path that makes
-renders of another size several times slower.
+alternative must beat the reference by MARGIN in all (packing costs load time, and timings wander by a few percent),
+and be at most SLOWER_AT_MOST times as slow at each image size timed (packing is timed at OTHER_SIZES too): a faster
+512x512 step must not buy a path that makes renders of another size several times slower.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
 """
@@ -54,7 +54,7 @@ PATHS_OFF_CPU["mps"] = {**PATHS_OFF_CPU["cuda"], "channels_last": "off"}
 MARGIN = 0.05
 # oneDNN lays a packed kernel out for one input shape; where it runs another shape in another layout it reorders the
 # kernel on each call. With AVX2 alone (a Zen 4 capped at AVX2) that made some shapes 3-40x slower packed: a guided
-# 128x128 U-Net step 4.8x, an unguided 384x384 one 3.1x, while a 512x512 guided one ran 0.97x. Timings of one shape
+# 128x128 U-Net step 4.8x, an unguided 384x384 one 3.1x, while a 512x512 guided one ran 0.97x. Timings of one size
 # wander by about 10 %.
 SLOWER_AT_MOST = 1.25
 # Under other work the paths slow down unequally (many small products wait on descheduled threads: the pieces'
@@ -143,8 +143,8 @@ def _choose(name: str, dtype: torch.dtype) -> str:
 
 
 def fastest_that_pays(seconds: dict[str, list[float]], paths: tuple[str, ...]) -> str:
-    """The fastest of `paths` over all the shapes timed (seconds per path and shape), where it beats the reference
-    (the first path) by MARGIN in all and is at most SLOWER_AT_MOST times as slow at each shape; else the reference."""
+    """The fastest of `paths` in all (seconds per path and image size timed), where it beats the reference (the first
+    path) by MARGIN in all and is at most SLOWER_AT_MOST times as slow at each size; else the reference."""
     reference = seconds[paths[0]]
 
     def pays(path):
@@ -228,7 +228,7 @@ def _store(key: str, name: str, entry: dict) -> None:
 
 
 def timed(calls: dict[str, list], turns: int = 3, hopeless: float = 1.5) -> tuple[dict[str, list[float]], float]:
-    """The best of `turns` seconds of each path's calls (one per shape), the paths taking turns (so that a busy
+    """The best of `turns` seconds of each path's calls (one per image size), the paths taking turns (so that a busy
     spell hits all of them), after one warm-up each (oneDNN builds its kernels on the first call), and the share of
     its threads' CPU time this process had meanwhile. A path slower in all than `hopeless` times the fastest in two
     turns is not timed a third time (one turn could be a busy spell)."""
@@ -260,6 +260,11 @@ def _random(dtype: torch.dtype, *shape: int) -> torch.Tensor:
     return torch.randn(shape, generator=_generator).to(dtype)
 
 
+def all_of(function, cases):
+    """One timed call: `function` over every case, the parts of one image's step."""
+    return lambda: [function(*case) for case in cases]
+
+
 def attention_calls(dtype: torch.dtype) -> dict:
     from .models.attention import attend_in_pieces
 
@@ -269,8 +274,7 @@ def attention_calls(dtype: torch.dtype) -> dict:
     # against 9.9 ms), where these pick the pieces in every run (35-39 against 51 ms), as the whole step does.
     cases = [[_random(dtype, 1, heads, length, width) for length in (queries, keys, keys)]
              for heads, queries, keys, width in ((2, 4096, 4096, 40), (2, 1024, 1024, 80), (8, 4096, 77, 40))]
-    return {"sdpa": [functools.partial(F.scaled_dot_product_attention, *case) for case in cases],
-            "pieces": [functools.partial(attend_in_pieces, *case) for case in cases]}
+    return {"sdpa": [all_of(F.scaled_dot_product_attention, cases)], "pieces": [all_of(attend_in_pieces, cases)]}
 
 
 def linear_calls(dtype: torch.dtype) -> dict:
@@ -280,15 +284,15 @@ def linear_calls(dtype: torch.dtype) -> dict:
     # first product at 32x32
     shapes = ((4096, 320, 320), (1024, 640, 2560))
     cases = [(_random(dtype, 1, tokens, width), _random(dtype, out, width)) for tokens, width, out in shapes]
-    return {"matmul": [functools.partial(F.linear, x, weight) for x, weight in cases],
-            "convolution": [functools.partial(linear_as_convolution, x, weight, None) for x, weight in cases]}
+    return {"matmul": [all_of(F.linear, cases)],
+            "convolution": [all_of(lambda x, weight: linear_as_convolution(x, weight, None), cases)]}
 
 
 # (B, C, H, W) inputs of 3x3 convolutions: a quarter of the U-Net's top level at 512x512 (320 channels, 16 of the
 # 64x64 latents' rows) and its lowest level (1280 channels, 8x8, batch 2: the guided batch)
 SD_CONVOLUTIONS = ((1, 320, 16, 64), (2, 1280, 8, 8))
-# and shapes where a kernel packed for one shape may run in another layout: the lowest level of a guided 128x128
-# image, the top level of an unguided 256x256 one
+# Other image sizes, where a kernel packed for one shape may run in another layout: the lowest level of a guided
+# 128x128 image, the top level of an unguided 256x256 one
 OTHER_SIZES = ((2, 1280, 2, 2), (1, 320, 32, 32))
 
 
@@ -305,22 +309,29 @@ def channels_last_calls(dtype: torch.dtype) -> dict:
         return F.conv2d(F.silu(F.group_norm(x, 32)), kernel, padding=1)
 
     plain, laid_out = convolution_cases(dtype, torch.contiguous_format), convolution_cases(dtype, torch.channels_last)
-    return {"off": [functools.partial(residual_block_part, *case) for case in plain],
-            "on": [functools.partial(residual_block_part, *case) for case in laid_out]}
+    return {"off": [all_of(residual_block_part, plain)], "on": [all_of(residual_block_part, laid_out)]}
 
 
 def packing_calls(dtype: torch.dtype) -> dict:
     from .models.layers import linear, pack_convolution_weight, pack_linear_weight, packed_convolution
 
     layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
-    convolutions = convolution_cases(dtype, layout, SD_CONVOLUTIONS + OTHER_SIZES)
-    # the feed-forward's first product at 32x32: (1, 1024, 640) tokens, (2560, 640) weight
+    step = convolution_cases(dtype, layout)
+    packed_step = [(x, pack_convolution_weight(kernel, (1, 1))) for x, kernel in step]
+    # with the feed-forward's first product at 32x32: (1, 1024, 640) tokens, (2560, 640) weight
     tokens, weight = _random(dtype, 1, 1024, 640), _random(dtype, 2560, 640)
-    plain = [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in convolutions]
-    packed = [functools.partial(packed_convolution, x, pack_convolution_weight(kernel, (1, 1)), None, (1, 1))
-              for x, kernel in convolutions]
-    return {"off": plain + [functools.partial(linear, tokens, weight, None)],
-            "on": packed + [functools.partial(linear, tokens, pack_linear_weight(weight), None)]}
+    packed_weight = pack_linear_weight(weight)
+
+    def plain():
+        return [F.conv2d(x, kernel, padding=1) for x, kernel in step] + [linear(tokens, weight, None)]
+
+    def packed():
+        return [packed_convolution(x, kernel, None, (1, 1)) for x, kernel in packed_step] + [linear(tokens, packed_weight, None)]
+
+    others = convolution_cases(dtype, layout, OTHER_SIZES)  # one call each
+    return {"off": [plain] + [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in others],
+            "on": [packed] + [functools.partial(packed_convolution, x, pack_convolution_weight(kernel, (1, 1)), None, (1, 1))
+                              for x, kernel in others]}
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}

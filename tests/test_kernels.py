@@ -130,8 +130,8 @@ def test_an_alternative_must_beat_the_reference_by_the_margin(measured, monkeypa
 
 
 @pytest.mark.parametrize("slower", [0.9 * kernels.SLOWER_AT_MOST, 1.1 * kernels.SLOWER_AT_MOST])
-def test_an_alternative_much_slower_at_one_shape_is_not_chosen(measured, monkeypatch, slower):
-    """Twice as fast in all, but each shape counts: packed kernels ran some image sizes 3-40x slower with AVX2."""
+def test_an_alternative_much_slower_at_one_image_size_is_not_chosen(measured, monkeypatch, slower):
+    """Twice as fast in all, but each image size timed counts: packed kernels ran some 3-40x slower with AVX2."""
     monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [1.0, 0.1], "pieces": [0.4, 0.1 * slower]}, 0.95))
     assert kernels.choice("attention", CPU, torch.float32) == ("pieces" if slower <= kernels.SLOWER_AT_MOST else "sdpa")
 
