@@ -11,9 +11,9 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
 
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
-paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on
-SD 1.5's layer shapes decides (on a 2-core Zen 4: 2.1-2.7 s for fp32, 1.3-1.5 s for bf16), once per CPU model and flags,
-torch version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
+paths; packing needs oneDNN on x86. Where more than one path is left, a short timing of each on SD 1.5's layer
+shapes decides (on a 2-core Zen 4: 2.1-2.7 s for fp32, 1.3-1.5 s for bf16), once per CPU model and flags, torch
+version, thread count, dtype and version of the paths (TIMED). The result is kept in memory for the
 process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CACHE_HOME/sd or ~/.cache/sd;
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
 alternative must beat the reference by MARGIN in all (packing costs load time, and timings wander by a few percent),
