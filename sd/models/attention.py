@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import choice
+from ..kernels import X86_ONEDNN, choice
 from .layers import Linear
 
 
@@ -24,7 +24,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
 
     In bf16 on a Zen 5, PyTorch's fused kernel reached about 150 GFLOP/s with SD's 40-wide heads; plain
     matrix products over pieces whose scores stay in cache ran 1.3x (77 text tokens) to 2.6x (1,024
-    image tokens) faster. The pieces have no causal mask (CLIP's), which stays with the fused kernel.
+    image tokens) faster; in fp32, with oneDNN's products (by_rows), 1.5-2.0x for the U-Net's self-attention. The
+    pieces have no causal mask (CLIP's), which stays with the fused kernel.
     """
     if not causal and choice("attention", q.device, q.dtype) == "pieces":
         return attend_in_pieces(q, k, v)
@@ -36,10 +37,9 @@ def attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     before the softmax, where the fused kernel keeps fp32: see benchmarks/README.md for what that does to the
     image."""
     width, value_width = q.shape[-1], v.shape[-1]
-    # bf16 only: on a Zen 4, in fp32 the cross-attention was slower so (10-12 against 9.3 ms) and the
-    # self-attention's timings wandered by half from run to run; fp16's powers of 2 stop at 2^15. Heads whose
-    # values need no padding would need 16 more columns for the sums: 80 wide, 23.5 against 21.9 ms.
-    if q.dtype == torch.bfloat16 and value_width % 16:
+    # Not fp16, whose powers of 2 stop at 2^15. Heads whose values need no padding would need 16 more columns for
+    # the sums: 80 wide in bf16 on a Zen 4, 23.5 against 21.9 ms.
+    if q.dtype in (torch.bfloat16, torch.float32) and value_width % 16:
         out = attend_by_powers_of_two(q, k, v)
         if out is not None:
             return out
@@ -47,8 +47,8 @@ def attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     # product 1.5x faster on AVX512-BF16 (a copy of the values per call, and a view of the output to undo it).
     if value_width % 16:
         v = F.pad(v, (0, -value_width % 16))
-    # (B, heads, L_k, d) -> (B, heads, d, L_k), the scale folded into the keys
-    keys = (k * width**-0.5).transpose(-1, -2)
+    # (B, heads, L_k, d), the scale folded into the keys
+    keys = k * width**-0.5
     return _weighted_values(q, keys, v, lambda scores: scores.softmax(dim=-1))[..., :value_width]
 
 
@@ -56,15 +56,15 @@ def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     """attend_in_pieces with 2^scores (in log2 units) in place of the softmax: one pass over each piece of scores
     instead of the softmax's three. The values are padded to a multiple of 16 columns (as attend_in_pieces does),
     the first padding column ones, so that the product with the powers also gives each row's sum, divided out at
-    the end. A 64x64 self-attention in bf16 on a Zen 4: 181 ms against 204. None where powers or sums overflow
-    (past 2^128): the caller then takes the softmax."""
+    the end. A 64x64 self-attention in bf16 on a Zen 4: 181 ms against 204; in fp32 on a Zen 5, 135 ms against the
+    fused kernel's 273. None where powers or sums overflow (past 2^128): the caller then takes the softmax."""
     width, value_width = q.shape[-1], v.shape[-1]
     # The keys less their mean: every score of a query moves by the same amount, which the softmax ignores, and
     # the scores of each query average 0, so the largest power is at least about 1 and the sums never underflow.
-    # (B, heads, L_k, d) -> (B, heads, d, L_k), the scale and log2(e) folded in
-    centred = k.float()  # in fp32: rounded to k's dtype once, when scaled
+    # (B, heads, L_k, d), the scale and log2(e) folded in
+    centred = k.to(torch.float32, copy=True)  # in fp32: rounded to k's dtype once, when scaled
     centred -= centred.mean(dim=-2, keepdim=True)
-    keys = (centred * (width**-0.5 * math.log2(math.e))).to(k.dtype).transpose(-1, -2)
+    keys = (centred * (width**-0.5 * math.log2(math.e))).to(k.dtype)
     # (B, heads, L_k, d) -> (B, heads, L_k, padded d)
     values = F.pad(v, (0, 16 - value_width % 16))
     values[..., value_width] = 1
@@ -78,18 +78,38 @@ def attend_by_powers_of_two(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 def _weighted_values(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weigh) -> torch.Tensor:
-    """weigh(q keys) values, with (B, heads, L, d) queries, (B, heads, d, L_k) keys and (B, heads, L_k, d_v) values,
+    """weigh(q keys^T) values, with (B, heads, L, d) queries, (B, heads, L_k, d) keys and (B, heads, L_k, d_v) values,
     PIECE_SCORES scores at a time."""
     batch, heads, length, _ = q.shape
-    rows = max(1, PIECE_SCORES // keys.shape[-1])
+    rows = max(1, PIECE_SCORES // keys.shape[-2])
     out = q.new_empty(batch, heads, length, values.shape[-1])
+    # (B, heads, L_k, d_v) -> (B, heads, d_v, L_k): both right-hand matrices as rows (by_rows)
+    values = values.transpose(-1, -2)
+    if onednn_products(q):
+        keys, values = keys.contiguous(), values.contiguous()
     for b in range(batch):
         for h in range(heads):
             for start in range(0, length, rows):
                 # (rows, d) x (d, L_k) -> (rows, L_k) -> (rows, d_v)
-                scores = weigh(torch.mm(q[b, h, start : start + rows], keys[b, h]))
-                torch.mm(scores, values[b, h], out=out[b, h, start : start + rows])
+                scores = weigh(by_rows(q[b, h, start : start + rows], keys[b, h]))
+                by_rows(scores, values[b, h], out=out[b, h, start : start + rows])
     return out
+
+
+def onednn_products(x: torch.Tensor) -> bool:
+    """Whether by_rows runs oneDNN's product for `x`: fp32 on an x86 CPU, where torch.mm runs MKL's, which on a Zen 5
+    was half as fast for the attention's pieces (a piece's scores 0.88 ms against 0.43, its weighted values 1.08
+    against 0.44). bf16's torch.mm runs oneDNN already."""
+    return X86_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def by_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a b^T for matrices a (M, K) and b (N, K), into `out` where given. With oneDNN, b is taken as a linear
+    layer's weight, which must be contiguous."""
+    if onednn_products(a):
+        product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return product if out is None else out.copy_(product)
+    return torch.mm(a, b.t(), out=out)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
