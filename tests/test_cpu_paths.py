@@ -31,40 +31,31 @@ def rms(t: torch.Tensor) -> float:
     return t.float().pow(2).mean().sqrt().item()
 
 
+# bf16 against fp32 attention: the pieces round their scores to bf16, where PyTorch's fused kernel keeps fp32.
+# Measured here (outputs of rms 0.48, 0.66 and 0.50): 0.0072, 0.0053 and 0.0059 rms for the pieces (largest single
+# error 0.106; the softmax of every piece, before the powers of 2, gave 0.0062 and 0.0057 for the first two), 0.0008
+# to 0.0012 for the fused kernel; the bound, 0.015, is that rounding with room to spare. fp32 (oneDNN's products on
+# x86, by_rows) against float64 attention: 7.1e-7, 3.1e-7 and 5.5e-7 rms (the fused kernel 4.0e-7, 3.1e-7, 5.1e-7);
+# the bound, 1e-5, is fp32 rounding with room to spare. A softmax scale 10 % off gives 0.04 to 0.06, and a piece
+# shifted by one row 0.47.
+@pytest.mark.parametrize("dtype, reference_dtype, bound", [(torch.bfloat16, torch.float32, 0.015), (torch.float32, torch.float64, 1e-5)])
 @pytest.mark.parametrize("length, key_length, width", [(2100, 2100, 40), (1000, 77, 40), (1500, 1500, 80)])
-def test_bf16_attention_in_pieces_is_as_close_to_fp32_as_the_fused_kernel_allows(length, key_length, width):
+def test_attention_in_pieces_is_as_close_to_a_wider_dtype_as_the_fused_kernel_and_leaves_its_inputs_alone(
+    dtype, reference_dtype, bound, length, key_length, width
+):
     """2100 x 2100 scores make three pieces per head, the last one short, 1500 x 1500 two. The 40-wide heads take
-    powers of 2 of their scores, the 80-wide ones the softmax. The pieces round their scores to bf16 before either, where
-    PyTorch's fused kernel keeps fp32. Measured here against fp32 attention on the same inputs (outputs of rms 0.48,
-    0.66 and 0.50): 0.0072, 0.0053 and 0.0059 rms for the pieces (largest single error 0.106; the softmax of
-    every piece, before the powers of 2, gave 0.0062 and 0.0057 for the first two), 0.0008 to 0.0012 for the fused
-    kernel. The bound, 0.015, is that rounding with room to spare; a softmax scale 10 % off gives 0.04 to 0.06, and
-    a piece shifted by one row 0.47."""
+    powers of 2 of their scores, the 80-wide ones the softmax. The keys are centred in a copy: in fp32, `k.float()` is
+    k itself, which must not be changed in place."""
     assert length * key_length > PIECE_SCORES or key_length == 77
-    q, k, v = qkv(length, key_length, width)
-    with torch.inference_mode():
-        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        ours = attend_in_pieces(q, k, v)
-        fused = F.scaled_dot_product_attention(q, k, v)
-    assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
-    assert rms(ours.float() - reference) < 0.015
-    assert rms(fused.float() - reference) < 0.015
-
-
-@pytest.mark.parametrize("length, key_length, width", [(2100, 2100, 40), (1000, 77, 40), (1500, 1500, 80)])
-def test_fp32_attention_in_pieces_is_as_close_to_float64_as_the_fused_kernel_and_leaves_the_keys_alone(length, key_length, width):
-    """In fp32 the pieces take oneDNN's products on x86 (by_rows), the 40-wide heads powers of 2 of their scores, the
-    80-wide ones the softmax. Against float64's attention, for outputs of rms 0.48, 0.66 and 0.50, measured here:
-    7.1e-7, 3.1e-7 and 5.5e-7 rms (the fused kernel 4.0e-7, 3.1e-7, 5.1e-7; the largest single errors 1.3e-5 and
-    1.0e-5). The bound, 1e-5 rms, is fp32 rounding with room to spare; a softmax scale 10 % off gives about 0.05. The
-    keys are centred in a copy: fp32 keys must not be changed in place."""
-    q, k, v = qkv(length, key_length, width, dtype=torch.float32)
+    q, k, v = qkv(length, key_length, width, dtype)
     inputs = [t.clone() for t in (q, k, v)]
     with torch.inference_mode():
-        reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        reference = F.scaled_dot_product_attention(q.to(reference_dtype), k.to(reference_dtype), v.to(reference_dtype))
         ours = attend_in_pieces(q, k, v)
-    assert ours.dtype == torch.float32 and ours.shape == reference.shape
-    assert rms(ours.double() - reference) < 1e-5
+        fused = F.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == dtype and ours.shape == reference.shape
+    assert rms(ours.to(reference_dtype) - reference) < bound
+    assert rms(fused.to(reference_dtype) - reference) < bound
     assert all(torch.equal(before, after) for before, after in zip(inputs, (q, k, v)))
 
 
