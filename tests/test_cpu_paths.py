@@ -103,6 +103,20 @@ def test_attention_runs_the_chosen_path_and_causal_attention_the_fused_kernel(pa
     assert torch.equal(attend(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+def test_attention_that_autograd_records_takes_the_fused_kernel_whatever_the_choice(monkeypatch):
+    """Training's attention (the VAE's: 1 head, widths not a multiple of 16) has gradients though pieces are chosen:
+    the pieces divide by sums in place, which autograd refuses at the backward pass. Against sdpa's own gradients,
+    the same kernel on the same inputs: equal."""
+    monkeypatch.setenv("SD_KERNELS", "attention=pieces")
+    inputs = [x.requires_grad_() for x in qkv(64, 64, dtype=torch.float32)]
+    attend(*inputs).square().sum().backward()
+    gradients = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    F.scaled_dot_product_attention(*inputs).square().sum().backward()
+    assert all(torch.equal(ours, x.grad) for ours, x in zip(gradients, inputs))
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_linear_as_a_convolution_equals_linear(transposed):
     generator = torch.Generator().manual_seed(0)
