@@ -121,9 +121,9 @@ def test_one_piece_of_scores_is_alive_at_a_time(dtype):
 
 
 def test_attention_that_autograd_records_takes_the_fused_kernel_whatever_the_choice(monkeypatch):
-    """Training's attention (the VAE's: 1 head, widths not a multiple of 16) has gradients though pieces are chosen:
-    the pieces divide by sums in place, which autograd refuses at the backward pass. Against sdpa's own gradients,
-    the same kernel on the same inputs: equal."""
+    """Attention in training has gradients though pieces are chosen: the pieces divide by sums in place, which
+    autograd refuses at the backward pass (test_demo.py's tiny VAE, 1 head 8 wide, failed so on CI's machine).
+    Against sdpa's own gradients, the same kernel on the same inputs: equal."""
     monkeypatch.setenv("SD_KERNELS", "attention=pieces")
     inputs = [x.requires_grad_() for x in qkv(64, 64, dtype=torch.float32)]
     attend(*inputs).square().sum().backward()
