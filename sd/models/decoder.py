@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, Upsample, trim_heap
+from .layers import Conv2d, Upsample, scratch_for, trim_heap
 from .tiling import check_tile_size, run_tiled
 from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
@@ -56,12 +56,22 @@ class Decoder(nn.Module):
         # (B, 512, h, w) -> (B, 128, 8h, 8w)
         # The blocks run from this loop rather than from a level's forward, whose caller would keep the
         # level's input (256 MiB at 512x512) alive until the whole level is done.
+        on_cpu = x.device.type == "cpu"
+        # a level's blocks share their temporaries (Scratch): a 512x512 bf16 decode page-faults in 1.1 GiB less
+        # (420,000 faults -> 145,000) and takes 0.93x the time (Zen 5)
+        scratch = scratch_for(x)
         for level in reversed(self.up):
-            for layer in (*level.block, level.upsample):
-                x = layer(x)
-                if x.device.type == "cpu":
+            for layer in level.block:
+                x = layer(x, scratch)
+                if on_cpu:
                     # each layer's temporaries differ in size from the last one's, so the heap seldom reuses
                     # them: trimmed, a 512x512 decode peaks 0.15 GiB lower, in the same time
                     trim_heap()
-        # (B, 128, 8h, 8w) -> (B, 3, 8h, 8w)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
+            if scratch is not None:
+                scratch.clear()  # before the upsampling's output, 4 times their size
+            x = level.upsample(x)
+            if on_cpu:
+                trim_heap()
+        # (B, 128, 8h, 8w) -> (B, 3, 8h, 8w), normalised in place with scratch: x is ours
+        out = self.norm_out(x) if scratch is None else self.norm_out.into(x, x)
+        return self.conv_out(F.silu(out, inplace=True))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d
+from .layers import Conv2d, scratch_for
 from .tiling import check_tile_size, run_tiled
 from .vae import MidBlock, ResidualBlock, VAEConfig, group_norm
 
@@ -75,9 +75,12 @@ class Encoder(nn.Module):
         x = self.conv_in(image)
         # (B, 128, H, W) -> (B, 512, H / 8, W / 8)
         # run from here, not from a level's forward, whose caller would keep the level's input alive throughout
+        scratch = scratch_for(x)  # the blocks of a level share their temporaries
         for level in self.down:
             for block in level.block:
-                x = block(x)
+                x = block(x, scratch)
+            if scratch is not None:
+                scratch.clear()  # not kept through the downsampling
             x = level.downsample(x)
         x = self.mid(x)
         # (B, 512, H / 8, W / 8) -> (B, 8, H / 8, W / 8)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention
-from .layers import Conv2d, GroupNorm, convolution_added
+from .layers import Conv2d, GroupNorm, Scratch, convolution_added, convolution_into
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,25 @@ class ResidualBlock(nn.Module):
         # A 1x1 convolution matches the channels of the shortcut when they change.
         self.shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, H, W) -> (B, C_out, H, W)
+    def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H, W); x is consumed (the VAE keeps no block's input). With `scratch`
+        (inference on a CPU), the temporaries are its tensors, which the next block of the same size reuses."""
+        if scratch is not None:
+            return self.forward_in_scratch(x, scratch)
         # in place where a temporary would otherwise be the largest tensor alive (the decoder at full size)
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = F.silu(self.norm2(h), inplace=True)
-        # conv2's sums go into the shortcut's, which is x itself where the widths match: the VAE keeps no block's input
+        # conv2's sums go into the shortcut's, which is x itself where the widths match
         return convolution_added(self.conv2, h, self.shortcut(x))
+
+    def forward_in_scratch(self, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        total = self.shortcut(x)
+        # where the widths differ, the shortcut was x's last reader: x is normalised in place
+        normalised = scratch.tensor("norm", x.shape, like=x) if total is x else x
+        h = F.silu(self.norm1.into(x, normalised), inplace=True)
+        h = convolution_into(self.conv1, h, scratch, "conv")
+        h = F.silu(self.norm2.into(h, h), inplace=True)
+        return convolution_added(self.conv2, h, total)
 
 
 class AttentionBlock(nn.Module):
