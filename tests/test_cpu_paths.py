@@ -1,6 +1,6 @@
 """The CPU-only paths (which of them runs is chosen per CPU: sd/kernels.py, tests/test_kernels.py): attention in
-cache-sized pieces, linear layers run as 1x1 convolutions, kernels cast channels_last or packed for oneDNN, and
-encoders whose memory-mapped weights are handed back after each use."""
+cache-sized pieces, linear layers run as 1x1 convolutions, kernels cast channels_last or packed for oneDNN,
+encoders whose memory-mapped weights are handed back after each use, and the VAE's blocks sharing their temporaries."""
 
 import platform
 import sys
@@ -414,7 +414,12 @@ def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own
         own = run(model, x.to(dtype))
         monkeypatch.undo()
         tensor = Scratch.tensor
-        monkeypatch.setattr(Scratch, "tensor", lambda self, *args, **kwargs: handed.append((args[0], tensor(self, *args, **kwargs))) or handed[-1][1])
+
+        def recorded(scratch: Scratch, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+            handed.append((name, tensor(scratch, name, shape, like=like)))
+            return handed[-1][1]
+
+        monkeypatch.setattr(Scratch, "tensor", recorded)
         shared = run(model, x.to(dtype))
     if dtype == torch.float32:
         assert relative_error(shared, expected) < 5e-6
