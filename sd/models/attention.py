@@ -95,8 +95,8 @@ def _weighted_values(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                 # (rows, d) x (d, L_k) -> (rows, L_k) -> (rows, d_v)
                 scores = weigh(by_rows(q[b, h, start : start + rows], keys[b, h]))
                 by_rows(scores, values[b, h], out=out[b, h, start : start + rows])
-                # freed before the next piece's are made, glibc hands that memory back: kept, two blocks took turns
-                # and the one at the heap's top was trimmed and faulted in again (fp32 on a Zen 5: 21 ms a head, 10)
+                # freed before the next piece's are made, so that glibc reuses one block: kept, two blocks took
+                # turns and the one at the heap's top was trimmed and faulted in again (fp32 on a Zen 5: 21 ms a head, 10)
                 del scores
     return out
 

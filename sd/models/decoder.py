@@ -64,8 +64,8 @@ class Decoder(nn.Module):
             for layer in level.block:
                 x = layer(x, scratch)
                 if on_cpu:
-                    # each layer's temporaries differ in size from the last one's, so the heap seldom reuses
-                    # them: trimmed, a 512x512 decode peaks 0.15 GiB lower, in the same time
+                    # what each layer makes afresh differs in size from the last one's, so the heap seldom
+                    # reuses it: trimmed, a 512x512 decode peaks 0.15 GiB lower, in the same time
                     trim_heap()
             if scratch is not None:
                 scratch.clear()  # before the upsampling's output, 4 times their size

@@ -120,10 +120,22 @@ class Conv2d(nn.Conv2d):
 
 def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, into: torch.Tensor | None = None) -> torch.Tensor:
     """oneDNN's convolution with a weight that pack_weights packed; written into `into` (its contents lost) where
-    that is a channels_last tensor of its output's shape and dtype (see convolution_into), else a new tensor."""
-    if into is not None and into.dtype == x.dtype and into.is_contiguous(memory_format=torch.channels_last):
-        return torch.ops.mkldnn._convolution_pointwise_(into.zero_(), x, weight, bias, padding, stride, dilation, groups, "add", None, None, [], None)
+    that is a tensor of its output's shape that takes sums in place (takes_sums_in_place), else a new tensor. Zeroing
+    `into` is a pass over memory already mapped: 1.4 ms for 64 MiB against about 20 for a fresh output's page faults
+    (Zen 5)."""
+    if into is not None and takes_sums_in_place(into, x):
+        return added_in_place(into.zero_(), x, weight, bias, padding, stride, dilation, groups)
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "none", [], None)
+
+
+def takes_sums_in_place(total: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether oneDNN can add a packed convolution's sums of x into `total`: channels_last, in x's dtype."""
+    return total.dtype == x.dtype and total.is_contiguous(memory_format=torch.channels_last)
+
+
+def added_in_place(total: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation, groups: int) -> torch.Tensor:
+    """total + the packed convolution of x, by oneDNN's add post-op into `total` (see takes_sums_in_place)."""
+    return torch.ops.mkldnn._convolution_pointwise_(total, x, weight, bias, padding, stride, dilation, groups, "add", None, None, [], None)
 
 
 def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -132,26 +144,23 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
     In place there is no output to page-fault in, nor a pass to add it: for 128 channels at 512x512 in bf16, 84 ms
     against 89 for the convolution and 8 for the addition (Zen 5), and 16,384 page faults fewer."""
     weight = conv.weight
-    if weight.is_mkldnn and x.dtype == weight.dtype == total.dtype and total.is_contiguous(memory_format=torch.channels_last):
-        return torch.ops.mkldnn._convolution_pointwise_(
-            total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, None, [], None
-        )
+    if weight.is_mkldnn and x.dtype == weight.dtype and takes_sums_in_place(total, x):
+        return added_in_place(total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
     return conv(x).add_(total)
 
 
 def convolution_into(conv: Conv2d, x: torch.Tensor, scratch: "Scratch", name: str) -> torch.Tensor:
-    """conv(x), written into scratch's tensor `name` (its contents lost) where convolution_added can add into it in
-    place (a packed kernel, x channels_last); otherwise a new tensor. Zeroing it is a pass over memory already
-    mapped: 1.4 ms for 64 MiB against about 20 for a fresh output's page faults (Zen 5)."""
+    """conv(x), written into scratch's tensor `name` (its contents lost) where a packed kernel can write there (x
+    channels_last, as the scratch's tensor then is); otherwise a new tensor, and no scratch tensor is made."""
     weight = conv.weight
-    if not (weight.is_mkldnn and weight.dtype == x.dtype and layout_of(x) == torch.channels_last):
+    if not (weight.is_mkldnn and weight.dtype == x.dtype and x.is_contiguous(memory_format=torch.channels_last)):
         return conv(x)
     sides = [
         (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
         for side, pad, dilation, kernel, stride in zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)
     ]
     out = scratch.tensor(name, (x.shape[0], conv.out_channels, *sides), like=x)
-    return convolution_added(conv, x, out.zero_())
+    return packed_convolution(x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, into=out)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
