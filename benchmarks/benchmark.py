@@ -9,6 +9,7 @@
     .venv/bin/python benchmarks/benchmark.py --only controlnet --dtypes bf16 --sizes 512              # one ControlNet's cost
     .venv/bin/python benchmarks/benchmark.py --only lora                                             # LoRA merging's cost
     make bench-peers                                       # --only peers: OpenVINO and stable-diffusion.cpp beside sd and diffusers
+    .venv/bin/python benchmarks/benchmark.py --only compile --dtypes bf16 --sizes 512   # torch.compile's step and compile time
 
 Writes a random checkpoint to a temporary folder (or takes --checkpoints), measures the machine's
 matmul peaks, then for each dtype: loading (.safetensors and .ckpt), text encoding, one guided U-Net
@@ -44,6 +45,11 @@ CPU has bf16); stable-diffusion.cpp's `--peer-steps` steps of Euler at CFG 7 fro
 `--sdcpp-wtypes`; and sd's whole `--steps`-step Euler image at CFG 7, load included, against stable-diffusion.cpp's
 estimate for as many steps (load + text encoding + its sampling time scaled to as many steps + decode). Each peer runs in its own environment
 (`--peer-envs`, benchmarks/peers/); one that is not installed, or fails, is reported as such in the table.
+`--only compile` (not part of the default run) measures issue 21's `torch.compile` at the largest of `--sizes`, each in
+its own process: a guided U-Net step eager on the paths chosen for the CPU, eager on the paths inductor can trace
+(TRACEABLE_PATHS), and compiled from those by inductor (freezing; default mode, and max-autotune with inductor's own
+C++ GEMM templates, AMX ones where the CPU has AMX), each compiled mode twice: the first call's seconds with
+inductor's cache cold, then warm, and `--repeat` steps.
 The decode, hires, prompts, controlnet and lora groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
 
@@ -526,9 +532,38 @@ def worker_peers_generate(checkpoint: Path, dtype: torch.dtype, size: int, steps
     return {"load_s": load, "generate_s": time.perf_counter() - start, **summaries("unet_step", unet.runs), **summaries("vae_decode", decoder.runs)}
 
 
+# sd's paths that inductor can trace: packed oneDNN weights are opaque to it, and the attention's pieces, a Python
+# loop over heads and rows, would be unrolled into thousands of products
+TRACEABLE_PATHS = "attention=sdpa,packing=off,linear=matmul,channels_last=on"
+
+
+def worker_compile(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, mode: str, cache: str, **_) -> dict:
+    """Issue 21's item 5, in one process: a guided U-Net step (batch 2) at `size` eager on the paths chosen for this CPU
+    (`mode` "chosen"), eager on TRACEABLE_PATHS ("traceable"), or compiled from those by inductor, freezing on (it then
+    packs the weights for oneDNN itself): "default", or "max-autotune", which also times inductor's own C++ GEMM
+    templates (AMX micro-kernels where the CPU has AMX) against oneDNN's products. The first call's seconds include the
+    compile's, with inductor's cache in `cache`: cold in the first process of a mode, warm in the next."""
+    if mode != "chosen":
+        os.environ["SD_KERNELS"] = TRACEABLE_PATHS
+    unet = load_sd(checkpoint, dtype)["diffusion"]
+    latents, context = unet_inputs(size, compute_dtype(dtype, CPU), torch.Generator().manual_seed(0))
+    step = unet
+    if mode in ("default", "max-autotune"):
+        import torch._inductor.config as inductor
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        inductor.freezing = True
+        if mode == "max-autotune":
+            inductor.max_autotune, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
+        step = torch.compile(unet, dynamic=False)
+    first = clocked(lambda: step(latents, context, 500))
+    return {"first_call_s": first[0], **summaries("unet_step", [clocked(lambda: step(latents, context, 500)) for _ in range(repeat)])}
+
+
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
            "turns": worker_turns, "hires": worker_hires, "prompts": worker_prompts, "controlnet": worker_controlnet,
-           "lora": worker_lora, "peers_torch": worker_peers_torch, "peers_generate": worker_peers_generate}
+           "lora": worker_lora, "peers_torch": worker_peers_torch, "peers_generate": worker_peers_generate,
+           "compile": worker_compile}
 
 
 def run_worker(spec: dict) -> dict:
@@ -644,6 +679,10 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
             for impl in ("sd", "diffusers"):
                 extra = {"image_path": str(images / f"{impl}-{dtype}.npy")} if pair["group"] == "generate" else {}
                 specs.append({**pair, **extra, "impl": impl, "dtype": dtype})
+        if "compile" in args.only:
+            specs += [dict(group="compile", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, mode=mode, run=run,
+                           cache=str(images / f"inductor-{dtype}-{mode}"), checkpoint=str(files[".safetensors"]))
+                      for mode, runs in (("chosen", 1), ("traceable", 1), ("default", 2), ("max-autotune", 2)) for run in range(runs)]
     if "peers" in args.only:  # stable-diffusion.cpp's weights are its own choice, not the run's dtype
         specs += [dict(group="sdcpp", wtype=wtype, size=max(args.sizes), steps=args.peer_steps, checkpoint=str(files[".safetensors"]))
                   for wtype in args.sdcpp_wtypes]
@@ -852,6 +891,25 @@ def peers_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def compile_table(results: list[dict]) -> list[str]:
+    """The compile group's figures, one line per dtype and mode: the first call's seconds (the compile's: cold, then
+    with inductor's cache warm), the step's median (min), its ratio to the eager step on the chosen paths, and the
+    process's peak RSS (a frozen graph holds its own packed copy of the weights)."""
+    runs = {}
+    for result in results:
+        runs.setdefault((result["dtype"], result["mode"]), []).append(result)
+    eager = {dtype: median(found[0]["unet_step_s"]) for (dtype, mode), found in runs.items() if mode == "chosen"}
+    lines = [f"{'compile: guided U-Net step':28} {'first call s, cold; warm':>25} {'median (min) s':>15} {'x chosen':>8} {'peak GiB':>8}  cpu"]
+    for (dtype, mode), found in runs.items():
+        found.sort(key=lambda result: result["run"])
+        step = found[-1]["unet_step_s"]
+        ratio = f"{median(step) / eager[dtype]:8.2f}" if dtype in eager else f"{'-':>8}"
+        first = "; ".join(f"{result['first_call_s']:.1f}" for result in found)
+        name = f"{dtype} {found[-1]['size']}x{found[-1]['size']} {mode}"
+        lines.append(f"{name:28} {first:>25} {step['median']:>6.2f} ({step['min']:.2f}) {ratio} {found[-1]['peak_rss_gib']:8.2f}  {found[-1]['cpu']}")
+    return lines
+
+
 def figure_flops(result: dict, figure: str, flops: dict) -> float | None:
     """The floating-point operations behind a wall-time figure, where stage_flops counts them: each component,
     and a hires run's U-Net steps of either pass and its decode (untiled: tiles overlap, which adds work)."""
@@ -887,10 +945,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     groups = ["load", "components", "turns", "generate"]
-    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet", "lora", "peers"],
+    parser.add_argument("--only", nargs="+", default=groups, choices=[*groups, "decode", "hires", "prompts", "controlnet", "lora", "peers", "compile"],
                         help="not run by default: decode (sd's decode alone, untiled and tiled), hires (sd's txt2img at large sizes), prompts (long prompts' cost), "
                              "controlnet (a U-Net step with and without one ControlNet), lora (LoRA merging's cost), "
-                             "peers (OpenVINO and stable-diffusion.cpp beside sd and diffusers)")
+                             "peers (OpenVINO and stable-diffusion.cpp beside sd and diffusers), compile (sd's U-Net step compiled by inductor)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each component and load (default 3; twice as many U-Net steps in turn)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 256], help="image sides for the components; txt2img runs at the largest")
@@ -942,18 +1000,21 @@ def main() -> None:
         psnrs = image_psnrs(folder)
     peaks = next(result for result in results if result["group"] == "peaks")
     peers = [result for result in results if result["group"] in PEER_GROUPS]
-    results = merge_results([result for result in results if result["group"] not in PEER_GROUPS])
+    compiled = [result for result in results if result["group"] == "compile"]
+    results = merge_results([result for result in results if result["group"] not in (*PEER_GROUPS, "compile")])
     sizes = sorted({result[key] for result in results for key in ("size", "base") if key in result})
     lines = table(results, stage_flops(sizes), peaks) if len(results) > 1 else []  # more than the peaks
     if peers:
         lines += ["", *peers_table(peers)]
+    if compiled:
+        lines += ["", *compile_table(compiled)]
     lines += load_breakdown(results)
     lines.append(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
     print("\n" + "\n".join(lines))
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_description(), "cpu_flags": kernels.cpu_flags(),
                "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": cpu_has_bf16(), "kernels": chosen, "date": time.strftime("%Y-%m-%d")}
-    args.output.write_text(json.dumps({"machine": machine, "results": results + peers, "psnr_db": psnrs, "table": lines}, indent=1))
+    args.output.write_text(json.dumps({"machine": machine, "results": results + peers + compiled, "psnr_db": psnrs, "table": lines}, indent=1))
 
 
 if __name__ == "__main__":
