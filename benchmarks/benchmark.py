@@ -49,7 +49,7 @@ estimate for as many steps (load + text encoding + its sampling time scaled to a
 its own process: a guided U-Net step eager on the paths chosen for the CPU, eager on the paths inductor can trace
 (TRACEABLE_PATHS), and compiled from those by inductor (freezing; default mode, and max-autotune with inductor's own
 C++ GEMM templates, AMX ones where the CPU has AMX), each compiled mode twice: the first call's seconds with
-inductor's cache cold, then warm, and `--repeat` steps.
+inductor's cache cold, then warm, and `--repeat` steps (`--compile-modes` picks among the four).
 The decode, hires, prompts, controlnet and lora groups report CPU seconds (user + system, all threads) beside wall seconds, and
 every measurement records the machine's load averages before and after it.
 
@@ -532,6 +532,8 @@ def worker_peers_generate(checkpoint: Path, dtype: torch.dtype, size: int, steps
     return {"load_s": load, "generate_s": time.perf_counter() - start, **summaries("unet_step", unet.runs), **summaries("vae_decode", decoder.runs)}
 
 
+COMPILE_MODES = ("chosen", "traceable", "default", "max-autotune")
+COMPILED = COMPILE_MODES[2:]  # inductor's modes, each measured cold and then with its cache warm
 # sd's paths that inductor can trace: packed oneDNN weights are opaque to it, and the attention's pieces, a Python
 # loop over heads and rows, would be unrolled into thousands of products
 TRACEABLE_PATHS = "attention=sdpa,packing=off,linear=matmul,channels_last=on"
@@ -542,13 +544,16 @@ def worker_compile(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int,
     (`mode` "chosen"), eager on TRACEABLE_PATHS ("traceable"), or compiled from those by inductor, freezing on (it then
     packs the weights for oneDNN itself): "default", or "max-autotune", which also times inductor's own C++ GEMM
     templates (AMX micro-kernels where the CPU has AMX) against oneDNN's products. The first call's seconds include the
-    compile's, with inductor's cache in `cache`: cold in the first process of a mode, warm in the next."""
+    compile's, with inductor's cache in `cache`: cold in the first process of a mode, warm in the next; `paths` are
+    those the step took (sd/kernels.py)."""
     if mode != "chosen":
         os.environ["SD_KERNELS"] = TRACEABLE_PATHS
     unet = load_sd(checkpoint, dtype)["diffusion"]
-    latents, context = unet_inputs(size, compute_dtype(dtype, CPU), torch.Generator().manual_seed(0))
+    generator, compute = torch.Generator().manual_seed(0), compute_dtype(dtype, CPU)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
+    context = torch.randn(2, 77, unet.config.context_width, generator=generator).to(compute)
     step = unet
-    if mode in ("default", "max-autotune"):
+    if mode in COMPILED:
         import torch._inductor.config as inductor
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
@@ -557,7 +562,8 @@ def worker_compile(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int,
             inductor.max_autotune, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
         step = torch.compile(unet, dynamic=False)
     first = clocked(lambda: step(latents, context, 500))
-    return {"first_call_s": first[0], **summaries("unet_step", [clocked(lambda: step(latents, context, 500)) for _ in range(repeat)])}
+    paths = {name: kernels.choice(name, CPU, compute) for name in kernels.CHOICES}
+    return {"first_call_s": first[0], "paths": paths, **summaries("unet_step", [clocked(lambda: step(latents, context, 500)) for _ in range(repeat)])}
 
 
 WORKERS = {"peaks": worker_peaks, "decode": worker_decode, "load": worker_load, "components": worker_components, "generate": worker_generate,
@@ -682,7 +688,7 @@ def plan(args, files: dict[str, Path], images: Path) -> list[dict]:
         if "compile" in args.only:
             specs += [dict(group="compile", impl="sd", dtype=dtype, size=max(args.sizes), repeat=args.repeat, mode=mode, run=run,
                            cache=str(images / f"inductor-{dtype}-{mode}"), checkpoint=str(files[".safetensors"]))
-                      for mode, runs in (("chosen", 1), ("traceable", 1), ("default", 2), ("max-autotune", 2)) for run in range(runs)]
+                      for mode in args.compile_modes for run in range(2 if mode in COMPILED else 1)]
     if "peers" in args.only:  # stable-diffusion.cpp's weights are its own choice, not the run's dtype
         specs += [dict(group="sdcpp", wtype=wtype, size=max(args.sizes), steps=args.peer_steps, checkpoint=str(files[".safetensors"]))
                   for wtype in args.sdcpp_wtypes]
@@ -966,6 +972,9 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=2, help="--only peers: stable-diffusion.cpp's steps, whose times give one step's (default 2)")
     parser.add_argument("--sdcpp-wtypes", nargs="*", default=["f16", "q8_0"],
                         help="--only peers: stable-diffusion.cpp's weight types (default f16 q8_0; none: leave it out, as when only sd's dtype changed)")
+    parser.add_argument("--compile-modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES,
+                        help="--only compile: the steps measured (default all: eager on the chosen paths, eager on the traceable ones, "
+                             "inductor's default mode and max-autotune)")
     parser.add_argument("--checkpoints", nargs="+", type=Path, help="an existing .safetensors (and .ckpt) instead of a new random checkpoint")
     parser.add_argument("--controlnet", type=Path, help="--only controlnet: an existing ControlNet file instead of a new random one")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sd import kernels
 from sd.pipeline import DEMO_CHECKPOINT
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark.py"
@@ -166,3 +167,20 @@ def test_peers_table_compares_each_peer_with_sd_measured_as_it_was():
     assert ratio("VAE decode", "OpenVINO") == "1.10"
     assert ratio("guided U-Net step", "diffusers eager") == "1.20"  # 6.0 / 5.0
     assert ratio("guided U-Net step", "own render") == "0.80"  # 4.0 / 5.0
+
+
+def test_compile_group_measures_eager_steps_on_the_demo_model(tmp_path):
+    """The compile group's eager steps, on the chosen paths and on the ones inductor traces, and its table. Its compiled
+    modes are measured by `benchmark.py --only compile` alone: on the demo model they take 4 minutes, most of it
+    inductor's compiling."""
+    report, printed = run_benchmark(tmp_path / "results.json", "--checkpoints", DEMO_CHECKPOINT, "--only", "compile", "--dtypes", "fp32",
+                                    "--sizes", 64, "--repeat", 1, "--compile-modes", "chosen", "traceable")
+    steps = {r["mode"]: r for r in report["results"] if r["group"] == "compile"}
+    assert set(steps) == {"chosen", "traceable"}
+    assert all(timed(r, "unet_step", 1) and r["first_call_s"] > 0 for r in steps.values())
+    benchmark = load_benchmark_module()
+    assert steps["traceable"]["paths"] == kernels.forced_paths(benchmark.TRACEABLE_PATHS)
+    lines = {line.split()[2]: line for line in printed.splitlines() if line.startswith("fp32 64x64 ")}
+    assert set(lines) == {"chosen", "traceable"} and " 1.00 " in lines["chosen"]
+    ratio = steps["traceable"]["unet_step_s"]["median"] / steps["chosen"]["unet_step_s"]["median"]
+    assert f" {ratio:.2f} " in lines["traceable"] and benchmark.CPU_LABEL in lines["traceable"]
