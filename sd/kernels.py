@@ -21,6 +21,10 @@ and be at most SLOWER_AT_MOST times as slow at each image size timed (packing is
 512x512 step must not buy a path that makes renders of another size several times slower.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
+
+torch.compile is not among the paths: on a Zen 5 inductor's step (from the paths it can trace) took 1.42-1.57x the
+chosen eager one after a compile of a minute or more on every run, in twice the memory (benchmarks/README.md);
+`benchmark.py --only compile` measures it on another CPU.
 """
 
 import contextlib
