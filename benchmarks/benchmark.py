@@ -258,10 +258,11 @@ def worker_generate(impl: str, checkpoint: Path, dtype: torch.dtype, size: int, 
     return {"total_s": total, "unet_step_s": summary(unet.wall)}
 
 
-def unet_inputs(size: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents and text context for one guided U-Net step (batch 2) at `size`, drawn from `generator`."""
+def unet_inputs(size: int, dtype: torch.dtype, generator: torch.Generator, context_width: int = 768) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and text context for one guided U-Net step (batch 2) at `size`, drawn from `generator` (SD 1.5's
+    768-wide context unless the model's is another, as the demo model's is)."""
     latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(dtype)
-    context = torch.randn(2, 77, 768, generator=generator).to(dtype)
+    context = torch.randn(2, 77, context_width, generator=generator).to(dtype)
     return latents, context
 
 
@@ -395,8 +396,7 @@ def worker_controlnet(checkpoint: Path, dtype: torch.dtype, size: int, repeat: i
     unet = load_sd(checkpoint, dtype)["diffusion"]
     compute = compute_dtype(dtype, CPU)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
-    context = torch.randn(2, 77, unet.config.context_width, generator=generator).to(compute)
+    latents, context = unet_inputs(size, compute, generator, unet.config.context_width)
     before = current_rss_gib()
     start = time.perf_counter()
     model = load_controlnet(controlnet, dtype=dtype)
@@ -438,9 +438,7 @@ def worker_lora(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, lo
     for seed in range(3):
         save_file(typical_lora(lora_sites(models), lora_rank, seed), folder / f"lora-{seed}.safetensors")
     library = LoraLibrary(folder)
-    generator, compute = torch.Generator().manual_seed(0), compute_dtype(dtype, CPU)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
-    context = torch.randn(2, 77, models["diffusion"].config.context_width, generator=generator).to(compute)
+    latents, context = unet_inputs(size, compute_dtype(dtype, CPU), torch.Generator().manual_seed(0), models["diffusion"].config.context_width)
 
     def apply(count: int, stack: ExitStack) -> None:
         loras = [(LoraTag(name, 0.8, 0.8), read_lora(name, library[name])) for name in list(library)[:count]]
@@ -549,9 +547,8 @@ def worker_compile(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int,
     if mode != "chosen":
         os.environ["SD_KERNELS"] = TRACEABLE_PATHS
     unet = load_sd(checkpoint, dtype)["diffusion"]
-    generator, compute = torch.Generator().manual_seed(0), compute_dtype(dtype, CPU)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=generator).to(compute)
-    context = torch.randn(2, 77, unet.config.context_width, generator=generator).to(compute)
+    compute = compute_dtype(dtype, CPU)
+    latents, context = unet_inputs(size, compute, torch.Generator().manual_seed(0), unet.config.context_width)
     step = unet
     if mode in COMPILED:
         import torch._inductor.config as inductor
