@@ -3,8 +3,10 @@
 Each choice has its candidate paths, the reference (PyTorch's plain path) first:
 - attention: `sdpa` (F.scaled_dot_product_attention) or `pieces` (plain matrix products over cache-sized pieces
   of the scores, sd/models/attention.py);
-- packing: `off` or `on`, the U-Net's, decoder's and ControlNet's weights stored in oneDNN's own layouts at load
-  (sd/models/layers.py, pack_weights);
+- packing: `off`, `on` or `sizes`: the U-Net's, decoder's and ControlNet's weights stored in oneDNN's own layouts
+  (sd/models/layers.py, pack_weights), at load with convolution kernels laid out for 8x8 inputs (`on`), or each
+  kernel at its first call for the input size it meets, and anew where that changes (`sizes`: oneDNN reorders a
+  kernel laid out for another class of sizes on every call, with AVX2 up to 10x slower than a plain one);
 - linear: `matmul` (F.linear: MKL or oneDNN, by dtype) or `convolution` (the same product as a 1x1 convolution:
   oneDNN's, sd/models/layers.py, linear_as_convolution);
 - channels_last: `off` or `on`, convolution kernels, and so the activations they make, laid out channels_last.
@@ -18,7 +20,8 @@ process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CAC
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
 alternative must beat the reference by MARGIN in all (packing costs load time, and timings wander by a few percent),
 and be at most SLOWER_AT_MOST times as slow at each image size timed (packing is timed at OTHER_SIZES too): a faster
-512x512 step must not buy a path that makes renders of another size several times slower.
+512x512 step must not buy a path that makes renders of another size several times slower. A third path (packing's
+`sizes`, which packs again where the image size changes) must beat the second by MARGIN as well, where that pays.
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
 
@@ -48,7 +51,7 @@ log = logging.getLogger("sd")
 
 CHOICES = {
     "attention": ("sdpa", "pieces"),
-    "packing": ("off", "on"),
+    "packing": ("off", "on", "sizes"),
     "linear": ("matmul", "convolution"),
     "channels_last": ("off", "on"),
 }
@@ -68,7 +71,7 @@ SLOWER_AT_MOST = 1.25
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 # What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
-TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for 8x8 inputs; packing checked at 2x2 and 32x32"
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for 8x8 inputs or per size; packing checked at 2x2 and 32x32"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
@@ -147,15 +150,17 @@ def _choose(name: str, dtype: torch.dtype) -> str:
 
 
 def fastest_that_pays(seconds: dict[str, list[float]], paths: tuple[str, ...]) -> str:
-    """The fastest of `paths` in all (seconds per path and image size timed), where it beats the reference (the first
-    path) by MARGIN in all and is at most SLOWER_AT_MOST times as slow at each size; else the reference."""
-    reference = seconds[paths[0]]
-
-    def pays(path):
+    """Of `paths` (seconds per path and image size timed), the reference (the first path) unless another beats it by
+    MARGIN in all and is at most SLOWER_AT_MOST times as slow at each size; of those that do, a later one only where
+    it beats the one chosen before it by MARGIN too (each path costs more than the one before: packing's `sizes`
+    packs again where the image size changes, for nothing where `on`'s one layout suits every size)."""
+    reference, chosen = seconds[paths[0]], paths[0]
+    for path in paths[1:]:
         cases = seconds[path]
-        return sum(cases) < (1 - MARGIN) * sum(reference) and all(own <= SLOWER_AT_MOST * theirs for own, theirs in zip(cases, reference))
-
-    return min(filter(pays, paths[1:]), key=lambda path: sum(seconds[path]), default=paths[0])
+        safe = all(own <= SLOWER_AT_MOST * theirs for own, theirs in zip(cases, reference))
+        if safe and sum(cases) < (1 - MARGIN) * sum(seconds[chosen]):
+            chosen = path
+    return chosen
 
 
 @contextlib.contextmanager
@@ -320,22 +325,29 @@ def packing_calls(dtype: torch.dtype) -> dict:
     from .models.layers import linear, pack_convolution_weight, pack_linear_weight, packed_convolution
 
     layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
-    step = convolution_cases(dtype, layout)
-    packed_step = [(x, pack_convolution_weight(kernel, (1, 1))) for x, kernel in step]
     # with the feed-forward's first product at 32x32: (1, 1024, 640) tokens, (2560, 640) weight
     tokens, weight = _random(dtype, 1, 1024, 640), _random(dtype, 2560, 640)
     packed_weight = pack_linear_weight(weight)
 
-    def plain():
-        return [F.conv2d(x, kernel, padding=1) for x, kernel in step] + [linear(tokens, weight, None)]
+    def plain(x, kernel):
+        return F.conv2d(x, kernel, padding=1)
 
-    def packed():
-        return [packed_convolution(x, kernel, None, (1, 1)) for x, kernel in packed_step] + [linear(tokens, packed_weight, None)]
+    def packed(x, kernel):
+        return packed_convolution(x, kernel, None, (1, 1))
 
-    others = convolution_cases(dtype, layout, OTHER_SIZES)  # one call each
-    return {"off": [plain] + [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in others],
-            "on": [packed] + [functools.partial(packed_convolution, x, pack_convolution_weight(kernel, (1, 1)), None, (1, 1))
-                              for x, kernel in others]}
+    def calls(convolve, pack, linear_weight) -> list:
+        """The step's part at 512x512, then one call at each of OTHER_SIZES, with the kernels made by `pack`."""
+        cases = [(x, pack(kernel, x)) for x, kernel in convolution_cases(dtype, layout)]
+        others = [functools.partial(convolve, x, pack(kernel, x)) for x, kernel in convolution_cases(dtype, layout, OTHER_SIZES)]
+
+        def step():
+            return [convolve(x, kernel) for x, kernel in cases] + [linear(tokens, linear_weight, None)]
+
+        return [step] + others
+
+    return {"off": calls(plain, lambda kernel, x: kernel, weight),
+            "on": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1)), packed_weight),
+            "sizes": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1), input_size=x.shape[2:]), packed_weight)}
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}

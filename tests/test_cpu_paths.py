@@ -17,7 +17,8 @@ from sd.models.unet import GEGLU
 from sd.models.decoder import Decoder
 from sd.models.encoder import Encoder
 from sd.models.layers import (
-    Conv2d, GroupNorm, Linear, Scratch, Upsample, cast_to, convolution_added, fold_upsampling, linear_as_convolution, pack_weights, scratch_for,
+    Conv2d, GroupNorm, Linear, Scratch, Upsample, cast_to, convolution_added, fold_upsampling, linear_as_convolution, pack_convolution_weight,
+    pack_weights, scratch_for,
 )
 from sd.models.vae import VAEConfig
 from sd.precision import cpu_has_bf16
@@ -234,6 +235,43 @@ def test_packed_weights_compute_the_same_sums(dtype):
 
 @pytest.mark.skipif(not X86_ONEDNN, reason="packing is for oneDNN on x86")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_packed_per_size_are_packed_for_each_size_they_meet(dtype):
+    """With per_size, pack_weights leaves the 3x3 and the folded kernels plain; each is packed at its first call for
+    the height and width of its input there, kept while they stay, and packed anew where they change, or where its
+    weight was replaced by one packed for 8x8 inputs (as a LoRA merge does). The sums are the plain layers', bit for
+    bit at every size (measured so here: oneDNN reorders a plain kernel into the layout for its input on each call)."""
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        pytest.skip("bf16 weights are packed only on CPUs with bf16 instructions")
+    layers = random_layers(dtype)
+    convolutions = layers[:4]  # 3x3 (4 -> 64), 1x1 (64 -> 32), 3x3 strided (32 -> 32), upsampling
+    first, strided, upsample = layers[0], layers[2], layers[3]
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, 4, *size, generator=generator).to(dtype) for size in ((19, 21), (5, 6))]
+
+    def sizes_packed_for():
+        return [getattr(first.weight, "packed_for", None), getattr(strided.weight, "packed_for", None),
+                getattr(upsample.packed[0][0], "packed_for", None)]
+
+    with torch.inference_mode():
+        plain = [convolutions(x) for x in inputs]
+        pack_weights(layers, per_size=True)
+        assert not first.weight.is_mkldnn and not any(kernel.is_mkldnn for kernel in upsample.packed[0])
+        assert torch.equal(convolutions(inputs[0]), plain[0])
+        # each layer's own input: the strided one's is the 1x1's output (19x21), the upsampling one's the strided output
+        assert sizes_packed_for() == [(19, 21), (19, 21), (10, 11)]
+        assert first.weight.is_mkldnn and all(kernel.is_mkldnn for kernel in upsample.packed[0])
+        kept = first.weight, upsample.packed[0][0]
+        assert torch.equal(convolutions(inputs[0]), plain[0])
+        assert first.weight is kept[0] and upsample.packed[0][0] is kept[1]  # the same size: not packed again
+        assert torch.equal(convolutions(inputs[1]), plain[1])
+        assert sizes_packed_for() == [(5, 6), (5, 6), (3, 3)]
+        first.weight = torch.nn.Parameter(pack_convolution_weight(first.weight.to_dense(), (1, 1)), requires_grad=False)
+        assert torch.equal(convolutions(inputs[1]), plain[1]) and first.weight.packed_for == (5, 6)
+        assert layers[1].weight.dim() == 4 and not layers[1].weight.is_mkldnn  # 1x1 kernels stay plain
+
+
+@pytest.mark.skipif(not X86_ONEDNN, reason="packing is for oneDNN on x86")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_packed_convolution_adds_its_sums_into_the_total_in_place(dtype):
     """convolution_added writes total + conv(x) into total where the kernel is packed and total is channels_last,
     and into a new tensor otherwise (a plain kernel, or total in another layout). In fp32 both give the sums of the
@@ -372,7 +410,7 @@ def test_scratch_hands_back_a_name_s_tensor_while_its_shape_dtype_and_layout_hol
     assert scratch_for(x) is None  # autograd may need what the blocks would overwrite
 
 
-def small_vae(kind: type, dtype: torch.dtype, packed: bool) -> torch.nn.Module:
+def small_vae(kind: type, dtype: torch.dtype, packing: str) -> torch.nn.Module:
     """A VAE decoder or encoder of 3 levels, 32 and 64 channels, with random weights: its levels' first blocks change
     the widths (the decoder's narrows, the encoder's widens) and the others keep them."""
     model = kind(VAEConfig(base_width=32, width_multipliers=(1, 2, 2), blocks_per_level=2, num_groups=8)).requires_grad_(False)
@@ -382,8 +420,8 @@ def small_vae(kind: type, dtype: torch.dtype, packed: bool) -> torch.nn.Module:
             scale = 1.0 if isinstance(module, GroupNorm) and name == "weight" else 0.0
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + scale)
     model.to(dtype)
-    if packed:
-        pack_weights(model, channels_last=True)
+    if packing != "off":
+        pack_weights(model, channels_last=True, per_size=packing == "sizes")
     return model
 
 
@@ -392,13 +430,13 @@ def small_vae(kind: type, dtype: torch.dtype, packed: bool) -> torch.nn.Module:
 # way (the shared ones' at most 1.05 times the others'). A temporary overwritten while still needed would be of order 1.
 @pytest.mark.parametrize("kind", [Decoder, Encoder])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("packed", [False, True])
-def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own(kind, dtype, packed, monkeypatch):
+@pytest.mark.parametrize("packing", ["off", "on", "sizes"])
+def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own(kind, dtype, packing, monkeypatch):
     """In inference on a CPU the VAE's blocks of one level share their temporaries (Scratch): each normalises into the
     scratch (GroupNorm.into), or into its input where the shortcut was its last reader, and writes its first
     convolution there too where the kernel is packed (convolution_into). The images and moments are as close to
     float64's as with fresh temporaries, and the scratch's tensors were handed back for reuse."""
-    if packed and (not X86_ONEDNN or (dtype == torch.bfloat16 and not cpu_has_bf16())):
+    if packing != "off" and (not X86_ONEDNN or (dtype == torch.bfloat16 and not cpu_has_bf16())):
         pytest.skip("packing is for oneDNN on x86, bf16 on CPUs with bf16 instructions")
     generator = torch.Generator().manual_seed(1)
     if kind is Decoder:
@@ -407,8 +445,8 @@ def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own
     else:
         x = torch.rand(2, 3, 48, 40, generator=generator) * 2 - 1
         run = lambda model, x: model.stacked_moments(x)  # noqa: E731
-    expected = run(small_vae(kind, torch.float64, packed=False), x.double())
-    model, handed = small_vae(kind, dtype, packed), []
+    expected = run(small_vae(kind, torch.float64, "off"), x.double())
+    model, handed = small_vae(kind, dtype, packing), []
     with torch.inference_mode():
         monkeypatch.setattr(sys.modules[kind.__module__], "scratch_for", lambda x: None)
         own = run(model, x.to(dtype))
@@ -426,7 +464,7 @@ def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own
     else:
         assert relative_error(shared, expected) < 1.25 * relative_error(own, expected)
     reused = {name for i, (name, t) in enumerate(handed) if any(t is u for _, u in handed[:i])}
-    assert reused == ({"norm", "conv"} if packed else {"norm"})
+    assert reused == ({"norm", "conv"} if packing != "off" else {"norm"})
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -74,7 +74,7 @@ def test_forced_paths_are_read_and_bad_ones_refused(monkeypatch):
     assert kernels.choice("channels_last", torch.device("mps"), torch.float32) == "off"
     for text, problem in [("attention=fast", "unknown path 'attention=fast'"), ("tiles=on", "unknown choice 'tiles=on'"),
                           ("packing", "unknown path 'packing'")]:
-        with pytest.raises(SDError, match=f"^SD_KERNELS: {problem}: use attention=sdpa|pieces; packing=off|on; ") as error:
+        with pytest.raises(SDError, match=f"^SD_KERNELS: {problem}: use attention=sdpa\\|pieces; packing=off\\|on\\|sizes; ") as error:
             kernels.forced_paths(text)
         assert "\n" not in str(error.value)
 
@@ -134,6 +134,18 @@ def test_an_alternative_much_slower_at_one_image_size_is_not_chosen(measured, mo
     """Twice as fast in all, but each image size timed counts: packed kernels ran some 3-40x slower with AVX2."""
     monkeypatch.setattr(kernels, "timed", lambda calls: ({"sdpa": [1.0, 0.1], "pieces": [0.4, 0.1 * slower]}, 0.95))
     assert kernels.choice("attention", CPU, torch.float32) == ("pieces" if slower <= kernels.SLOWER_AT_MOST else "sdpa")
+
+
+# packing's seconds: a 512x512 step's part, then another image size
+@pytest.mark.parametrize("seconds, chosen", [
+    ({"off": [1.0, 0.1], "on": [0.8, 0.1], "sizes": [0.79, 0.1]}, "on"),  # sizes level with on: on, which packs once
+    ({"off": [1.0, 0.1], "on": [0.8, 0.1], "sizes": [0.7, 0.1]}, "sizes"),  # sizes beats on by the margin
+    ({"off": [1.0, 0.1], "on": [0.7, 1.0], "sizes": [0.8, 0.02]}, "sizes"),  # on 10x slower at the other size (AVX2)
+    ({"off": [1.0, 0.1], "on": [0.99, 0.1], "sizes": [0.98, 0.1]}, "off"),  # neither beats off by the margin
+    ({"off": [1.0, 0.1], "on": [0.7, 0.1], "sizes": [0.5, 0.2]}, "on"),  # sizes 2x slower than off at the other size
+])
+def test_a_later_path_must_beat_the_one_chosen_before_it_by_the_margin_too(seconds, chosen):
+    assert kernels.fastest_that_pays(seconds, kernels.CHOICES["packing"]) == chosen
 
 
 def test_a_timing_made_while_the_cpu_was_busy_is_named_in_a_warning_and_kept(measured, monkeypatch, tmp_path, caplog):

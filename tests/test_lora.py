@@ -25,6 +25,8 @@ from sd.files import hashes, lora_merge
 from sd.errors import SDError
 from sd.files.lora import LoraLibrary, LoraTag, read_lora, split_tags
 from sd.files.lora_merge import dense_weight, lora_sites, merged, plan_changes
+from sd.kernels import X86_ONEDNN
+from sd.models.layers import Conv2d
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.prompts.editing import Timeline
 from sd.prompts.conditioning import encode_prompt, guidance_contexts
@@ -249,11 +251,16 @@ def all_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.to_dense() if tensor.is_mkldnn else tensor for name, tensor in weights.items()}
 
 
-@pytest.mark.parametrize("dtype, hires_scale", [(torch.float32, 1.5), (torch.bfloat16, None)])
-def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dtype, hires_scale):
+@pytest.mark.parametrize("dtype, hires_scale, packing", [(torch.float32, 1.5, None), (torch.bfloat16, None, None), (torch.float32, 1.5, "sizes")])
+def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, monkeypatch, dtype, hires_scale, packing):
     """On a CPU with bf16 instructions, the bf16 U-Net and decoder are packed for oneDNN (sd/models/layers.py): their
     merged layers are packed again, and the packed originals put back. Hires fix runs the U-Net twice (in fp32
-    only: new sizes cost a bf16 render seconds of oneDNN's set-up)."""
+    only: new sizes cost a bf16 render seconds of oneDNN's set-up). With kernels packed per input size (forced, as
+    an AVX2 CPU chooses), the merged ones are packed again at each size, and so are those put back."""
+    if packing is not None:
+        if not X86_ONEDNN:
+            pytest.skip("packing is for oneDNN on x86")
+        monkeypatch.setenv("SD_KERNELS", f"packing={packing}")
     models, fresh = load_models(DEMO_CHECKPOINT, dtype=dtype), load_models(DEMO_CHECKPOINT, dtype=dtype)
     sites = lora_sites(models)
     save_file(demo_lora(sites, seed=1), tmp_path / "one.safetensors")
@@ -266,6 +273,8 @@ def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, dt
     after = generate("a red circle", models=models, **options)[0]
     from_fresh = generate("a red circle", models=fresh, **options)[0]
     assert np.array_equal(np.asarray(after), np.asarray(from_fresh))
+    if packing == "sizes":  # the last pass's size (hires fix's 96x96 image: 12x12 latents at the U-Net's input)
+        assert {getattr(layer.weight, "packed_for", None) for layer in models["diffusion"].modules() if isinstance(layer, Conv2d)} >= {(12, 12)}
     assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(from_fresh, dtype=int)).max() > 10
 
 

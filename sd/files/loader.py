@@ -14,7 +14,7 @@ from ..models.unet import UNet, UNetConfig
 from ..models.encoder import Encoder
 from ..errors import SDError
 from ..kernels import choice
-from ..models.layers import fold_upsampling, pack_weights, packing_pays
+from ..models.layers import fold_upsampling, pack_weights, packing_pays, packs_per_size
 from ..precision import compute_dtype
 from .converter import CHECKPOINT_REFUSAL, MappedCheckpoint, convert, read_checkpoint, release_pages, target_name
 from ..models.vae import VAEConfig
@@ -113,7 +113,7 @@ def fill(models: dict[str, nn.Module], tensors: dict[str, torch.Tensor], device:
         if prefix in MAPPED_MODELS:
             model.mapped_parameters = [p for p in model.parameters() if p.data_ptr() in file_pages]
         if prefix in packed:
-            pack_weights(model, dtype, channels_last, done)
+            pack_weights(model, dtype, channels_last, done, per_size=packs_per_size(device, dtype))
         elif kind == "cpu" and compute_dtype(dtype, device) == dtype:  # else folded on each call, in the dtype computed in
             fold_upsampling(model, channels_last, done)
 

@@ -106,8 +106,10 @@ def linear_as_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 class Conv2d(nn.Conv2d):
+    packs_per_size = False  # set by pack_weights where kernels are packed for each input size (sd/kernels.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        weight = self.kernel_for(x)
         if weight.is_mkldnn:
             if x.dtype == weight.dtype:
                 return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
@@ -116,6 +118,16 @@ class Conv2d(nn.Conv2d):
         # (sd/kernels.py; 1.6x faster on a Zen 5)
         channels_last = choice("channels_last", x.device, x.dtype) == "on"
         return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=channels_last))
+
+    def kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight, first packed for x's height and width where the layer packs per input size and it is not so
+        packed yet: at the first call, where the size changed, and after a LoRA merge packed it anew."""
+        if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape[2:]:
+            packed = packed_for_size(self.weight, x.shape[2:], self.padding, self.stride, self.dilation, self.groups)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            self.weight.packed_for = packed.packed_for
+            trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
+        return self.weight
 
 
 def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +155,7 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
     channels_last layout of its output); otherwise into a new tensor. Either way `total` is the caller's no more.
     In place there is no output to page-fault in, nor a pass to add it: for 128 channels at 512x512 in bf16, 84 ms
     against 89 for the convolution and 8 for the addition (Zen 5), and 16,384 page faults fewer."""
-    weight = conv.weight
+    weight = conv.kernel_for(x)
     if weight.is_mkldnn and x.dtype == weight.dtype and takes_sums_in_place(total, x):
         return added_in_place(total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
     return conv(x).add_(total)
@@ -152,7 +164,7 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
 def convolution_into(conv: Conv2d, x: torch.Tensor, scratch: "Scratch", name: str) -> torch.Tensor:
     """conv(x), written into scratch's tensor `name` (its contents lost) where a packed kernel can write there (x
     channels_last, as the scratch's tensor then is); otherwise a new tensor, and no scratch tensor is made."""
-    weight = conv.weight
+    weight = conv.kernel_for(x)
     if not (weight.is_mkldnn and weight.dtype == x.dtype and x.is_contiguous(memory_format=torch.channels_last)):
         return conv(x)
     sides = [
@@ -167,21 +179,40 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    # laid out for 8x8 inputs (without an input size oneDNN assumes 1x1). At SD 1.5's widths this runs as fast
-    # as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and 512: 1.00x and 0.98x, the same
-    # sums); at 48-192 channels (the demo model's) that one was 10-50x slower than plain, reordered on each call.
-    # With AVX2 alone no one layout (1x1, 8x8, 32x32, 64x64) suits every size: sd/kernels.py times other sizes.
-    typical_input = (1, weight.shape[1] * groups, 8, 8)
+def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, input_size=(8, 8)) -> torch.Tensor:
+    # laid out for inputs of `input_size` (without one oneDNN assumes 1x1), by default 8x8. At SD 1.5's widths
+    # this runs as fast as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and 512: 1.00x and
+    # 0.98x, the same sums); at 48-192 channels (the demo model's) that one was 10-50x slower than plain, reordered
+    # on each call. With AVX2 alone no one layout suits every size (sd/kernels.py): there kernels are packed for
+    # each input size they meet (packed_for_size).
+    typical_input = (1, weight.shape[1] * groups, *input_size)
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
+
+
+def packed_for_size(kernel: torch.Tensor, size, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """`kernel` (plain, or packed for other inputs) packed for inputs of `size` (height, width), which it names as
+    its `packed_for`. oneDNN lays a kernel out for a class of input sizes and reorders one packed for another class
+    on every call, up to 10x slower than a plain kernel (benchmarks/README.md). A 1280-channel fp32 kernel takes
+    20-22 ms to pack from plain channels_last, 58-68 ms from another packing, once; a call with it plain 22-37 ms
+    (Zen 5, AVX-512 and capped at AVX2)."""
+    plain = kernel.to_dense() if kernel.is_mkldnn else kernel
+    packed = pack_convolution_weight(plain, padding, stride, dilation, groups, tuple(size))
+    packed.packed_for = tuple(size)
+    return packed
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether pack_weights pays for models whose weights are stored in `dtype` on `device`: sd/kernels.py
     decides (never where bf16 computes in fp32). On a Zen 4 a packed guided 512x512 U-Net step took 0.87-0.91x the
     plain one's time in fp32, and a render's peak fell (the file's pages are handed back as the copies are made),
-    for 1.7 s more at the load; with AVX2 alone it made other image sizes 3-5x slower (sd/kernels.py's OTHER_SIZES)."""
-    return choice("packing", device, dtype) == "on"
+    for 1.7 s more at the load; with AVX2 alone kernels packed for one size made other image sizes 3-5x slower
+    (sd/kernels.py's OTHER_SIZES), unless packed per size (packs_per_size)."""
+    return choice("packing", device, dtype) != "off"
+
+
+def packs_per_size(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed convolution kernels are packed for each input size they meet (packing=sizes, sd/kernels.py)."""
+    return choice("packing", device, dtype) == "sizes"
 
 
 def fold_upsampling(model: nn.Module, channels_last: bool, done) -> None:
@@ -202,7 +233,7 @@ def replace_own_weights(layer: nn.Module, replace, done) -> None:
             done(parameter)
 
 
-def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = True, done=None) -> None:
+def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = True, done=None, per_size: bool = False) -> None:
     """Stores the weights of the model's convolutions and linear layers in oneDNN's own blocked layouts, in
     place of the plain ones.
 
@@ -223,14 +254,23 @@ def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_la
     stay plain: their best layout depends on the input's size (one chosen for 64x64 inputs runs 40-80x slower
     at 4x4, the lowest level of a 256x256 image) and they are a small share of the time (about 12 ms of a
     2.5 s step).
+
+    With `per_size` the convolution kernels (3x3, and the upsampling layers' folded ones) are left plain, cast to
+    `dtype` with the other parameters, and each is packed at its first call for the input size it meets there, and
+    anew where the size changes (Conv2d.kernel_for): one packing a kernel, as here, while the size stays.
     """
     done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if hasattr(layer, "pack")]:
         stored = dtype or next(layer.parameters()).dtype
+        if isinstance(layer, Upsample):
+            layer.packs_per_size = per_size
         replace_own_weights(layer, lambda: layer.pack(stored), done)
         trim_heap()
     for layer in model.modules():
         if isinstance(layer, Conv2d) and layer.kernel_size != (1, 1):
+            if per_size:
+                layer.packs_per_size = True  # cast below with the other plain parameters, packed at its first call
+                continue
             [weight] = cast_to(dtype or layer.weight.dtype, layer.weight, channels_last=True)
             packed = pack_convolution_weight(weight, layer.padding, layer.stride, layer.dilation, layer.groups)
         elif isinstance(layer, Linear):
@@ -344,13 +384,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
         self.packed: tuple[list[torch.Tensor], torch.Tensor] | None = None  # the folded kernels and bias: see pack, fold
+        self.packs_per_size = False  # see pack
 
     def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         """x upsampled to `size` (default: twice its own), as nearest-neighbour upsampling then the convolution."""
         batch, _, height, width = x.shape
         if size is not None and tuple(size) != (2 * height, 2 * width):
             return self.resized(x, tuple(size))
-        kernels, bias = self.folded_kernels(x.dtype)
+        kernels, bias = self.kernels_for(x)
         # (B, C, H, W) -> (B, C, 2H, 2W), filled a quarter (one row and column parity) at a time
         out = torch.empty(batch, kernels[0].shape[0], 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
         phase = None
@@ -380,6 +421,14 @@ class Upsample(nn.Module):
         rows = [unfold_taps(kernels[2 * row], kernels[2 * row + 1], dim=3) for row in (0, 1)]
         return unfold_taps(*rows, dim=2)
 
+    def kernels_for(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The folded kernels and the bias in x's dtype, packed first for x's height and width where the layer packs
+        per input size and they are not so packed yet (see Conv2d.kernel_for)."""
+        if self.packs_per_size and self.packed[0][0].dtype == x.dtype and getattr(self.packed[0][0], "packed_for", None) != x.shape[2:]:
+            kernels, bias = self.packed
+            self.packed = [packed_for_size(kernel, x.shape[2:], (1, 1)) for kernel in kernels], bias
+        return self.folded_kernels(x.dtype)
+
     def folded_kernels(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The four 2x2 kernels in the order of PARITIES, and the bias, in `dtype`."""
         if self.packed is not None:
@@ -394,9 +443,12 @@ class Upsample(nn.Module):
     def pack(self, dtype: torch.dtype) -> None:
         """Keeps the folded kernels in `dtype`, packed for oneDNN (see pack_weights), in place of the 3x3 one,
         which is dropped. Folded on every call, the U-Net's three upsampling layers took 0.17 s of a bf16 step;
-        folded once and packed, 0.08 s. The folded kernels take 16/9 of the 3x3 one's memory (+51 MB for the U-Net)."""
+        folded once and packed, 0.08 s. The folded kernels take 16/9 of the 3x3 one's memory (+51 MB for the U-Net).
+        Where the layer packs per input size (packs_per_size, set by pack_weights), they are kept plain and packed at
+        the first call (kernels_for)."""
         kernels, bias = self.folded_copies(dtype)
-        self.packed = [pack_convolution_weight(kernel.contiguous(memory_format=torch.channels_last), (1, 1)) for kernel in kernels], bias
+        kernels = [kernel.contiguous(memory_format=torch.channels_last) for kernel in kernels]
+        self.packed = (kernels if self.packs_per_size else [pack_convolution_weight(kernel, (1, 1)) for kernel in kernels]), bias
         del self.conv
 
     def fold(self, channels_last: bool) -> None:
