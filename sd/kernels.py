@@ -20,8 +20,9 @@ process and in `kernels.json` in sd's cache folder ($SD_CACHE_DIR, else $XDG_CAC
 $SD_KERNELS_CACHE names another file), with a warning where other work kept the CPU busy meanwhile (QUIET_SHARE). An
 alternative must beat the reference by MARGIN in all (packing costs load time, and timings wander by a few percent),
 and be at most SLOWER_AT_MOST times as slow at each image size timed (packing is timed at OTHER_SIZES too): a faster
-512x512 step must not buy a path that makes renders of another size several times slower. A third path (packing's
-`sizes`, which packs again where the image size changes) must beat the second by MARGIN as well, where that pays.
+512x512 step must not buy a path that makes renders of another size several times slower. A later path must also
+beat the one chosen before it by MARGIN: packing's `sizes` packs again where the image size changes, for nothing
+where `on`'s one layout suits every size (with AVX-512 it does; with AVX2 `on` is 10x slower at some sizes).
 
 SD_KERNELS="attention=sdpa,packing=off" forces paths on a CPU, whatever was measured (the tests force each one).
 
