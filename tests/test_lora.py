@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
@@ -26,7 +27,7 @@ from sd.errors import SDError
 from sd.files.lora import LoraLibrary, LoraTag, read_lora, split_tags
 from sd.files.lora_merge import dense_weight, lora_sites, merged, plan_changes
 from sd.kernels import X86_ONEDNN
-from sd.models.layers import Conv2d
+from sd.models.layers import Conv2d, Upsample, pack_weights
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.prompts.editing import Timeline
 from sd.prompts.conditioning import encode_prompt, guidance_contexts
@@ -276,6 +277,34 @@ def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, mo
     if packing == "sizes":  # the last pass's size (hires fix's 96x96 image: 12x12 latents at the U-Net's input)
         assert {getattr(layer.weight, "packed_for", None) for layer in models["diffusion"].modules() if isinstance(layer, Conv2d)} >= {(12, 12)}
     assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(from_fresh, dtype=int)).max() > 10
+
+
+@pytest.mark.skipif(not X86_ONEDNN, reason="packing is for oneDNN on x86")
+def test_a_kernel_packed_for_an_input_size_is_merged_packed_for_that_size():
+    """Under packing per input size (sd/kernels.py's `sizes`), a merged convolution kernel, and an upsampling layer's
+    merged folded kernels, are packed for the input size the originals were packed for, so that the next call does
+    not pack them again; and they compute the merged layer's sums (fp32: the same sums in another order, within 1e-5 of
+    the largest value; either change left out: 0.41-0.54)."""
+    generator = torch.Generator().manual_seed(0)
+    conv, upsample = Conv2d(8, 8, 3, padding=1), Upsample(8)
+    layers = torch.nn.Sequential(conv, upsample).requires_grad_(False)
+    for parameter in layers.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    kernel, upsample_kernel, upsample_bias = conv.weight.clone(), upsample.conv.weight.clone(), upsample.conv.bias.clone()
+    x = torch.randn(1, 8, 5, 6, generator=generator)
+    changes = [torch.randn(8, 8, 3, 3, generator=generator) * 0.1 for _ in range(2)]
+    pack_weights(layers, per_size=True)
+    with torch.inference_mode():
+        layers(x)  # packs each layer for its input: 5x6
+        lora_merge.merge_plain(conv, kernel + changes[0], None)
+        lora_merge.merge_upsample(upsample, changes[1], None)
+        assert conv.weight.packed_for == (5, 6) and all(k.packed_for == (5, 6) for k in upsample.packed[0])
+        merged_weight, merged_kernels = conv.weight, upsample.packed[0]
+        out = layers(x)
+        assert conv.weight is merged_weight and upsample.packed[0] is merged_kernels  # not packed again
+    middle = F.conv2d(x, kernel + changes[0], conv.bias, padding=1)
+    expected = F.conv2d(F.interpolate(middle, scale_factor=2.0, mode="nearest"), upsample_kernel + changes[1], upsample_bias, padding=1)
+    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
 def test_hires_fix_merges_each_layer_once_for_both_passes(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.unet import GEGLU, Downsample, ResidualBlock, SpatialTransformer, UNet
 from ..errors import SDError
-from ..models.layers import Conv2d, Linear, Upsample, fold_taps, layout_of, pack_convolution_weight, pack_linear_weight, trim_heap
+from ..models.layers import Conv2d, Linear, Upsample, fold_taps, layout_of, pack_linear_weight, packed_like, trim_heap, weight_parameter
 from .lora import FILE_FIX, LoraFile, LoraTag, Module
 
 log = logging.getLogger("sd")
@@ -265,17 +265,18 @@ def dense_weight(layer: nn.Module, scratch: Scratch | None = None) -> torch.Tens
 
 
 def merge_plain(layer: Linear | Conv2d, total: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
-    """The merged fp32 weight `total` stored as the layer's weight was: its dtype, packed or channels_last."""
+    """The merged fp32 weight `total` stored as the layer's weight was: its dtype, packed (for the input size it was
+    packed for) or channels_last."""
     weight = layer.weight
     merged = total.to(weight.dtype, copy=True)  # never the scratch buffer itself
     if weight.is_mkldnn:
         if isinstance(layer, Linear):
             merged = pack_linear_weight(merged)
         else:
-            merged = pack_convolution_weight(merged.contiguous(memory_format=torch.channels_last), layer.padding, layer.stride, layer.dilation, layer.groups)
+            merged = packed_like(weight, merged, layer.padding, layer.stride, layer.dilation, layer.groups)
     elif weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         merged = merged.contiguous(memory_format=torch.channels_last)
-    layer.weight = nn.Parameter(merged, requires_grad=False)
+    layer.weight = weight_parameter(merged)
     if bias_delta is not None:
         layer.bias = nn.Parameter((layer.bias.float() + bias_delta.to(layer.bias.device)).to(layer.bias.dtype), requires_grad=False)
 
@@ -301,7 +302,7 @@ def merge_upsample(layer: Upsample, delta: torch.Tensor, bias_delta: torch.Tenso
     def stored(kernel: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
         merged = (kernel.to_dense().float() + change).to(kernel.dtype)
         if kernel.is_mkldnn:
-            return pack_convolution_weight(merged.contiguous(memory_format=torch.channels_last), (1, 1))
+            return packed_like(kernel, merged, (1, 1))
         return merged.contiguous(memory_format=layout_of(kernel))
 
     layer.packed = [stored(kernel, change) for kernel, change in zip(kernels, folded)], bias

@@ -123,9 +123,7 @@ class Conv2d(nn.Conv2d):
         """The weight, first packed for x's height and width where the layer packs per input size and it is not so
         packed yet: at the first call, where the size changed, and after a LoRA merge packed it anew."""
         if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape[2:]:
-            packed = packed_for_size(self.weight, x.shape[2:], self.padding, self.stride, self.dilation, self.groups)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            self.weight.packed_for = packed.packed_for
+            self.weight = weight_parameter(packed_for_size(self.weight, x.shape[2:], self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
         return self.weight
 
@@ -199,6 +197,24 @@ def packed_for_size(kernel: torch.Tensor, size, padding, stride=(1, 1), dilation
     packed = pack_convolution_weight(plain, padding, stride, dilation, groups, tuple(size))
     packed.packed_for = tuple(size)
     return packed
+
+
+def packed_like(kernel: torch.Tensor, plain: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """`plain` packed as the packed `kernel` is: for the input size it names (packed_for_size), else for 8x8 inputs."""
+    plain = plain.contiguous(memory_format=torch.channels_last)
+    size = getattr(kernel, "packed_for", None)
+    if size is None:
+        return pack_convolution_weight(plain, padding, stride, dilation, groups)
+    return packed_for_size(plain, size, padding, stride, dilation, groups)
+
+
+def weight_parameter(weight: torch.Tensor) -> nn.Parameter:
+    """`weight` as a layer's frozen parameter, naming the input size it is packed for where it names one (a new
+    parameter object does not keep the tensor's attributes)."""
+    parameter = nn.Parameter(weight, requires_grad=False)
+    if hasattr(weight, "packed_for"):
+        parameter.packed_for = weight.packed_for
+    return parameter
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
