@@ -121,7 +121,7 @@ class Conv2d(nn.Conv2d):
 
     def kernel_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight, first packed for x's height and width where the layer packs per input size and it is not so
-        packed yet: at the first call, where the size changed, and after a LoRA merge packed it anew."""
+        packed yet: at the first call, where the size changed, and where the weight was replaced by one packed otherwise."""
         if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape[2:]:
             self.weight = weight_parameter(packed_for_size(self.weight, x.shape[2:], self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
