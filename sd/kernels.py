@@ -348,7 +348,7 @@ def packing_calls(dtype: torch.dtype) -> dict:
 
     return {"off": calls(plain, lambda kernel, x: kernel, weight),
             "on": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1)), packed_weight),
-            "sizes": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1), input_size=x.shape[2:]), packed_weight)}
+            "sizes": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1), input_shape=x.shape), packed_weight)}
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}

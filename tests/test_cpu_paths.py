@@ -237,16 +237,16 @@ def test_packed_weights_compute_the_same_sums(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_packed_per_size_are_packed_for_each_size_they_meet(dtype):
     """With per_size, pack_weights leaves the 3x3 and the folded kernels plain; each is packed at its first call for
-    the height and width of its input there, kept while they stay, and packed anew where they change, or where its
-    weight was replaced by one packed for 8x8 inputs (as a LoRA merge does). The sums are the plain layers', bit for
-    bit at every size (measured so here: oneDNN reorders a plain kernel into the layout for its input on each call)."""
+    the shape of its input there (batch, height and width), kept while it stays, and packed anew where it changes, or
+    where its weight was replaced by one packed for one 8x8 input. The sums are the plain layers', bit for bit for a
+    batch of two (measured so here: oneDNN reorders a plain kernel into the layout for its input on each call)."""
     if dtype == torch.bfloat16 and not cpu_has_bf16():
         pytest.skip("bf16 weights are packed only on CPUs with bf16 instructions")
     layers = random_layers(dtype)
     convolutions = layers[:4]  # 3x3 (4 -> 64), 1x1 (64 -> 32), 3x3 strided (32 -> 32), upsampling
     first, strided, upsample = layers[0], layers[2], layers[3]
     generator = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(2, 4, *size, generator=generator).to(dtype) for size in ((19, 21), (5, 6))]
+    inputs = [torch.randn(batch, 4, *size, generator=generator).to(dtype) for batch, size in ((2, (19, 21)), (2, (5, 6)), (1, (5, 6)))]
 
     def sizes_packed_for():
         return [getattr(first.weight, "packed_for", None), getattr(strided.weight, "packed_for", None),
@@ -257,16 +257,20 @@ def test_kernels_packed_per_size_are_packed_for_each_size_they_meet(dtype):
         pack_weights(layers, per_size=True)
         assert not first.weight.is_mkldnn and not any(kernel.is_mkldnn for kernel in upsample.packed[0])
         assert torch.equal(convolutions(inputs[0]), plain[0])
-        # each layer's own input: the strided one's is the 1x1's output (19x21), the upsampling one's the strided output
-        assert sizes_packed_for() == [(19, 21), (19, 21), (10, 11)]
+        # each layer's own input: the strided one's is the 1x1's output, the upsampling one's the strided output
+        assert sizes_packed_for() == [(2, 4, 19, 21), (2, 32, 19, 21), (2, 32, 10, 11)]
         assert first.weight.is_mkldnn and all(kernel.is_mkldnn for kernel in upsample.packed[0])
         kept = first.weight, upsample.packed[0][0]
         assert torch.equal(convolutions(inputs[0]), plain[0])
         assert first.weight is kept[0] and upsample.packed[0][0] is kept[1]  # the same size: not packed again
         assert torch.equal(convolutions(inputs[1]), plain[1])
-        assert sizes_packed_for() == [(5, 6), (5, 6), (3, 3)]
+        assert sizes_packed_for() == [(2, 4, 5, 6), (2, 32, 5, 6), (2, 32, 3, 3)]
+        # another batch: there the plain fp32 layers sum in another order (3.5e-7 of the largest value, measured;
+        # bf16 bit-equal); a wrong layout or kernel would be of order 1
+        assert relative_error(convolutions(inputs[2]), plain[2]) < 1e-6
+        assert sizes_packed_for() == [(1, 4, 5, 6), (1, 32, 5, 6), (1, 32, 3, 3)]
         first.weight = torch.nn.Parameter(pack_convolution_weight(first.weight.to_dense(), (1, 1)), requires_grad=False)
-        assert torch.equal(convolutions(inputs[1]), plain[1]) and first.weight.packed_for == (5, 6)
+        assert relative_error(convolutions(inputs[2]), plain[2]) < 1e-6 and first.weight.packed_for == (1, 4, 5, 6)
         assert layers[1].weight.dim() == 4 and not layers[1].weight.is_mkldnn  # 1x1 kernels stay plain
 
 

@@ -274,15 +274,15 @@ def test_after_a_render_with_loras_the_next_is_that_of_a_fresh_load(tmp_path, mo
     after = generate("a red circle", models=models, **options)[0]
     from_fresh = generate("a red circle", models=fresh, **options)[0]
     assert np.array_equal(np.asarray(after), np.asarray(from_fresh))
-    if packing == "sizes":  # the last pass's size (hires fix's 96x96 image: 12x12 latents at the U-Net's input)
-        assert {getattr(layer.weight, "packed_for", None) for layer in models["diffusion"].modules() if isinstance(layer, Conv2d)} >= {(12, 12)}
+    if packing == "sizes":  # the last pass's shape (hires fix's 96x96 image: 12x12 latents, guided: 2 of them)
+        assert (2, 4, 12, 12) in {getattr(layer.weight, "packed_for", None) for layer in models["diffusion"].modules() if isinstance(layer, Conv2d)}
     assert np.abs(np.asarray(with_loras, dtype=int) - np.asarray(from_fresh, dtype=int)).max() > 10
 
 
 @pytest.mark.skipif(not X86_ONEDNN, reason="packing is for oneDNN on x86")
 def test_a_kernel_packed_for_an_input_size_is_merged_packed_for_that_size():
     """Under packing per input size (sd/kernels.py's `sizes`), a merged convolution kernel, and an upsampling layer's
-    merged folded kernels, are packed for the input size the originals were packed for, so that the next call does
+    merged folded kernels, are packed for the input shape the originals were packed for, so that the next call does
     not pack them again; and they compute the merged layer's sums (fp32: the same sums in another order, within 1e-5 of
     the largest value; either change left out: 0.41-0.54)."""
     generator = torch.Generator().manual_seed(0)
@@ -295,10 +295,10 @@ def test_a_kernel_packed_for_an_input_size_is_merged_packed_for_that_size():
     changes = [torch.randn(8, 8, 3, 3, generator=generator) * 0.1 for _ in range(2)]
     pack_weights(layers, per_size=True)
     with torch.inference_mode():
-        layers(x)  # packs each layer for its input: 5x6
+        layers(x)  # packs each layer for its input: (1, 8, 5, 6)
         lora_merge.merge_plain(conv, kernel + changes[0], None)
         lora_merge.merge_upsample(upsample, changes[1], None)
-        assert conv.weight.packed_for == (5, 6) and all(k.packed_for == (5, 6) for k in upsample.packed[0])
+        assert conv.weight.packed_for == (1, 8, 5, 6) and all(k.packed_for == (1, 8, 5, 6) for k in upsample.packed[0])
         merged_weight, merged_kernels = conv.weight, upsample.packed[0]
         out = layers(x)
         assert conv.weight is merged_weight and upsample.packed[0] is merged_kernels  # not packed again

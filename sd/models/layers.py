@@ -120,10 +120,10 @@ class Conv2d(nn.Conv2d):
         return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=channels_last))
 
     def kernel_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight, first packed for x's height and width where the layer packs per input size and it is not so
-        packed yet: at the first call, where the size changed, and where the weight was replaced by one packed otherwise."""
-        if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape[2:]:
-            self.weight = weight_parameter(packed_for_size(self.weight, x.shape[2:], self.padding, self.stride, self.dilation, self.groups))
+        """The weight, first packed for x's shape where the layer packs per input size and it is not so packed yet: at
+        the first call, where the shape changed, and where the weight was replaced by one packed otherwise."""
+        if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape:
+            self.weight = weight_parameter(packed_for_input(self.weight, x.shape, self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
         return self.weight
 
@@ -177,39 +177,40 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, input_size=(8, 8)) -> torch.Tensor:
-    # laid out for inputs of `input_size` (without one oneDNN assumes 1x1), by default 8x8. At SD 1.5's widths
-    # this runs as fast as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and 512: 1.00x and
-    # 0.98x, the same sums); at 48-192 channels (the demo model's) that one was 10-50x slower than plain, reordered
-    # on each call. With AVX2 alone no one layout suits every size (sd/kernels.py): there kernels are packed for
-    # each input size they meet (packed_for_size).
-    typical_input = (1, weight.shape[1] * groups, *input_size)
+def pack_convolution_weight(weight: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, input_shape=None) -> torch.Tensor:
+    # laid out for inputs of `input_shape` (B, C, H, W) (without one oneDNN assumes 1x1), by default one 8x8 input.
+    # At SD 1.5's widths this runs as fast as a layout for 64x64 inputs at every size (guided U-Net steps at 256 and
+    # 512: 1.00x and 0.98x, the same sums); at 48-192 channels (the demo model's) that one was 10-50x slower than
+    # plain, reordered on each call. With AVX2 alone no one layout suits every size (sd/kernels.py): there kernels
+    # are packed for each input shape they meet (packed_for_input).
+    typical_input = input_shape or (1, weight.shape[1] * groups, 8, 8)
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, typical_input)
 
 
-def packed_for_size(kernel: torch.Tensor, size, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """`kernel` (plain, or packed for other inputs) packed for inputs of `size` (height, width), which it names as
-    its `packed_for`. oneDNN lays a kernel out for a class of input sizes and reorders one packed for another class
-    on every call, up to 10x slower than a plain kernel (benchmarks/README.md). A 1280-channel fp32 kernel takes
+def packed_for_input(kernel: torch.Tensor, shape, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """`kernel` (plain, or packed for other inputs) packed for inputs of `shape` (B, C, H, W), which it names as its
+    `packed_for`. oneDNN lays a kernel out for a class of input shapes and reorders one packed for another class on
+    every call, up to 10x slower than a plain kernel (benchmarks/README.md); the batch counts too (with AVX2, 640
+    channels at 24x24 packed for one input ran two 2.8x slower than plain). A 1280-channel fp32 kernel takes
     20-22 ms to pack from plain channels_last, 58-68 ms from another packing, once; a call with it plain 22-37 ms
     (Zen 5, AVX-512 and capped at AVX2)."""
     plain = kernel.to_dense() if kernel.is_mkldnn else kernel
-    packed = pack_convolution_weight(plain, padding, stride, dilation, groups, tuple(size))
-    packed.packed_for = tuple(size)
+    packed = pack_convolution_weight(plain, padding, stride, dilation, groups, tuple(shape))
+    packed.packed_for = tuple(shape)
     return packed
 
 
 def packed_like(kernel: torch.Tensor, plain: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """`plain` packed as the packed `kernel` is: for the input size it names (packed_for_size), else for 8x8 inputs."""
+    """`plain` packed as the packed `kernel` is: for the input shape it names (packed_for_input), else for 8x8 inputs."""
     plain = plain.contiguous(memory_format=torch.channels_last)
-    size = getattr(kernel, "packed_for", None)
-    if size is None:
+    shape = getattr(kernel, "packed_for", None)
+    if shape is None:
         return pack_convolution_weight(plain, padding, stride, dilation, groups)
-    return packed_for_size(plain, size, padding, stride, dilation, groups)
+    return packed_for_input(plain, shape, padding, stride, dilation, groups)
 
 
 def weight_parameter(weight: torch.Tensor) -> nn.Parameter:
-    """`weight` as a layer's frozen parameter, naming the input size it is packed for where it names one (a new
+    """`weight` as a layer's frozen parameter, naming the input shape it is packed for where it names one (a new
     parameter object does not keep the tensor's attributes)."""
     parameter = nn.Parameter(weight, requires_grad=False)
     if hasattr(weight, "packed_for"):
@@ -272,8 +273,9 @@ def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_la
     2.5 s step).
 
     With `per_size` the convolution kernels (3x3, and the upsampling layers' folded ones) are left plain, cast to
-    `dtype` with the other parameters, and each is packed at its first call for the input size it meets there, and
-    anew where the size changes (Conv2d.kernel_for): one packing a kernel, as here, while the size stays.
+    `dtype` with the other parameters, and each is packed at its first call for the input shape (batch, height and
+    width) it meets there, and anew where that changes (Conv2d.kernel_for): one packing a kernel, as here, while it
+    stays.
     """
     done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if hasattr(layer, "pack")]:
@@ -438,11 +440,11 @@ class Upsample(nn.Module):
         return unfold_taps(*rows, dim=2)
 
     def kernels_for(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The folded kernels and the bias in x's dtype, packed first for x's height and width where the layer packs
-        per input size and they are not so packed yet (see Conv2d.kernel_for)."""
-        if self.packs_per_size and self.packed[0][0].dtype == x.dtype and getattr(self.packed[0][0], "packed_for", None) != x.shape[2:]:
+        """The folded kernels and the bias in x's dtype, packed first for x's shape where the layer packs per input
+        size and they are not so packed yet (see Conv2d.kernel_for)."""
+        if self.packs_per_size and self.packed[0][0].dtype == x.dtype and getattr(self.packed[0][0], "packed_for", None) != x.shape:
             kernels, bias = self.packed
-            self.packed = [packed_for_size(kernel, x.shape[2:], (1, 1)) for kernel in kernels], bias
+            self.packed = [packed_for_input(kernel, x.shape, (1, 1)) for kernel in kernels], bias
         return self.folded_kernels(x.dtype)
 
     def folded_kernels(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
