@@ -5,7 +5,7 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
   of the scores, sd/models/attention.py);
 - packing: `off`, `on` or `sizes`: the U-Net's, decoder's and ControlNet's weights stored in oneDNN's own layouts
   (sd/models/layers.py, pack_weights), at load with convolution kernels laid out for 8x8 inputs (`on`), or each
-  kernel at its first call for the input size it meets, and anew where that changes (`sizes`: oneDNN reorders a
+  kernel at its first call for the shape of the input it meets, and anew where that changes (`sizes`: oneDNN reorders a
   kernel laid out for another class of sizes on every call, with AVX2 up to 10x slower than a plain one);
 - linear: `matmul` (F.linear: MKL or oneDNN, by dtype) or `convolution` (the same product as a 1x1 convolution:
   oneDNN's, sd/models/layers.py, linear_as_convolution);
