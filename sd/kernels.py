@@ -72,7 +72,7 @@ SLOWER_AT_MOST = 1.25
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 # What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
-TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for 8x8 inputs or per size; packing checked at 2x2 and 32x32"
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for one 8x8 input or per input shape; packing checked at 2x2 and 32x32"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}

@@ -265,12 +265,13 @@ def test_kernels_packed_per_size_are_packed_for_each_size_they_meet(dtype):
         assert first.weight is kept[0] and upsample.packed[0][0] is kept[1]  # the same size: not packed again
         assert torch.equal(convolutions(inputs[1]), plain[1])
         assert sizes_packed_for() == [(2, 4, 5, 6), (2, 32, 5, 6), (2, 32, 3, 3)]
-        # another batch: there the plain fp32 layers sum in another order (3.5e-7 of the largest value, measured;
-        # bf16 bit-equal); a wrong layout or kernel would be of order 1
-        assert relative_error(convolutions(inputs[2]), plain[2]) < 1e-6
+        # another batch: there the plain fp32 layers sum in another order (3.5e-7 of the largest value, measured),
+        # bf16 ones the same (bit-equal); a wrong layout or kernel would be of order 1
+        bound = 1e-6 if dtype == torch.float32 else 0.0
+        assert relative_error(convolutions(inputs[2]), plain[2]) <= bound
         assert sizes_packed_for() == [(1, 4, 5, 6), (1, 32, 5, 6), (1, 32, 3, 3)]
         first.weight = torch.nn.Parameter(pack_convolution_weight(first.weight.to_dense(), (1, 1)), requires_grad=False)
-        assert relative_error(convolutions(inputs[2]), plain[2]) < 1e-6 and first.weight.packed_for == (1, 4, 5, 6)
+        assert relative_error(convolutions(inputs[2]), plain[2]) <= bound and first.weight.packed_for == (1, 4, 5, 6)
         assert layers[1].weight.dim() == 4 and not layers[1].weight.is_mkldnn  # 1x1 kernels stay plain
 
 

@@ -304,7 +304,7 @@ def test_a_kernel_packed_for_an_input_size_is_merged_packed_for_that_size():
         assert conv.weight is merged_weight and upsample.packed[0] is merged_kernels  # not packed again
     middle = F.conv2d(x, kernel + changes[0], conv.bias, padding=1)
     expected = F.conv2d(F.interpolate(middle, scale_factor=2.0, mode="nearest"), upsample_kernel + changes[1], upsample_bias, padding=1)
-    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert_close(out, expected, 1e-5)
 
 
 def test_hires_fix_merges_each_layer_once_for_both_passes(tmp_path, monkeypatch):
