@@ -533,8 +533,8 @@ def worker_peers_generate(checkpoint: Path, dtype: torch.dtype, size: int, steps
 COMPILE_MODES = ("chosen", "traceable", "default", "max-autotune")
 COMPILED = COMPILE_MODES[2:]  # inductor's modes, each measured cold and then with its cache warm
 # sd's paths that inductor can trace: packed oneDNN weights are opaque to it, and the attention's pieces, a Python
-# loop over heads and rows, would be unrolled into thousands of products
-TRACEABLE_PATHS = "attention=sdpa,packing=off,linear=matmul,channels_last=on"
+# loop over heads and rows, would be unrolled into thousands of products, as would Winograd's loop over block rows
+TRACEABLE_PATHS = "attention=sdpa,packing=off,linear=matmul,channels_last=on,convolution=direct"
 
 
 def worker_compile(checkpoint: Path, dtype: torch.dtype, size: int, repeat: int, mode: str, cache: str, **_) -> dict:

@@ -9,7 +9,9 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
   kernel laid out for another class of sizes on every call, with AVX2 up to 10x slower than a plain one);
 - linear: `matmul` (F.linear: MKL or oneDNN, by dtype) or `convolution` (the same product as a 1x1 convolution:
   oneDNN's, sd/models/layers.py, linear_as_convolution);
-- channels_last: `off` or `on`, convolution kernels, and so the activations they make, laid out channels_last.
+- channels_last: `off` or `on`, convolution kernels, and so the activations they make, laid out channels_last;
+- convolution: `direct` (oneDNN's) or `winograd` (Winograd's F(4x4, 3x3), sd/models/winograd.py), fp32 3x3
+  convolutions of large inputs whose kernels are not packed at load.
 
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
@@ -55,9 +57,10 @@ CHOICES = {
     "packing": ("off", "on", "sizes"),
     "linear": ("matmul", "convolution"),
     "channels_last": ("off", "on"),
+    "convolution": ("direct", "winograd"),
 }
 # channels_last is 10-20 % faster on CUDA; MPS gains nothing from it
-PATHS_OFF_CPU = {"cuda": {"attention": "sdpa", "packing": "off", "linear": "matmul", "channels_last": "on"}}
+PATHS_OFF_CPU = {"cuda": {"attention": "sdpa", "packing": "off", "linear": "matmul", "channels_last": "on", "convolution": "direct"}}
 PATHS_OFF_CPU["mps"] = {**PATHS_OFF_CPU["cuda"], "channels_last": "off"}
 MARGIN = 0.05
 # oneDNN lays a packed kernel out for one input shape; where it runs another shape in another layout it reorders the
@@ -72,7 +75,7 @@ SLOWER_AT_MOST = 1.25
 QUIET_SHARE = 0.75
 CACHE_NAME = "kernels.json"
 # What was timed: change it with the shapes or the paths' code, so that entries timed on the old ones no longer count.
-TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for one 8x8 input or per input shape; packing checked at 2x2 and 32x32"
+TIMED = "SD 1.5 layers at 512x512; attention pieces by powers of 2, fp32 by oneDNN, one piece's scores at a time; kernels packed for one 8x8 input or per input shape; packing checked at 2x2 and 32x32; Winograd F(4x4, 3x3)"
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 _chosen: dict[tuple, str] = {}
@@ -119,6 +122,9 @@ def candidates(name: str, dtype: torch.dtype) -> tuple[str, ...]:
     if dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_bf16()):
         return paths[:1]  # never the dtype our models compute in here (sd/precision.py): nothing to gain
     if name == "packing" and not X86_ONEDNN:
+        return paths[:1]
+    # Winograd's sums lose 2-3 bits that bf16 has not to spare, and it transforms plain kernels, never ones packed at load
+    if name == "convolution" and (dtype != torch.float32 or choice("packing", torch.device("cpu"), dtype) == "on"):
         return paths[:1]
     return paths
 
@@ -351,6 +357,32 @@ def packing_calls(dtype: torch.dtype) -> dict:
             "sizes": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1), input_shape=x.shape), packed_weight)}
 
 
-TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls}
-# packing's plain path runs the chosen layout and linear path: they are chosen first
-TIMED_AFTER = {"packing": ("channels_last", "linear")}
+# (B, C_in, C_out, H, W) of 3x3 convolutions where Winograd's algorithm would run (sd/models/winograd.py, suits): a
+# quarter of the U-Net's guided top level at 512x512 (320 channels, 32 of 64 rows, one of the two latents), half of
+# the second level's (640 channels, 32x32), and the second level's at 256x256 (16x16: the fewest blocks it runs)
+WINOGRAD_CONVOLUTIONS = ((1, 320, 320, 32, 64), (1, 640, 640, 32, 32), (2, 640, 640, 16, 16))
+
+
+def convolution_calls(dtype: torch.dtype) -> dict:
+    from .models.layers import pack_convolution_weight, packed_convolution, scratch_buffer
+    from .models.winograd import winograd_convolution
+
+    layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
+    cases = [(_random(dtype, batch, in_channels, height, width).contiguous(memory_format=layout),
+              _random(dtype, out_channels, in_channels, 3, 3).mul_(0.02).contiguous(memory_format=layout), _random(dtype, out_channels))
+             for batch, in_channels, out_channels, height, width in WINOGRAD_CONVOLUTIONS]
+    scratch = functools.partial(scratch_buffer, device=torch.device("cpu"), dtype=dtype)  # the layers' own
+    # without Winograd, as the chosen packing runs them: each kernel packed for its input's shape (`sizes`), or plain
+    if choice("packing", torch.device("cpu"), dtype) == "sizes":
+        packed = [(x, pack_convolution_weight(kernel, (1, 1), input_shape=x.shape), bias) for x, kernel, bias in cases]
+        direct = [functools.partial(packed_convolution, x, kernel, bias, (1, 1)) for x, kernel, bias in packed]
+    else:
+        direct = [functools.partial(F.conv2d, x, kernel, bias, padding=1) for x, kernel, bias in cases]
+    return {"direct": direct, "winograd": [functools.partial(winograd_convolution, *case, scratch) for case in cases]}
+
+
+TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls,
+               "convolution": convolution_calls}
+# packing's plain path runs the chosen layout and linear path, and Winograd's algorithm is timed against the chosen
+# packing: they are chosen first
+TIMED_AFTER = {"packing": ("channels_last", "linear"), "convolution": ("channels_last", "packing")}

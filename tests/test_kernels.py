@@ -12,6 +12,8 @@ from click.testing import CliRunner
 import cli
 from sd import kernels, load_models
 from sd.errors import SDError
+from sd.models import winograd
+from sd.models.winograd import winograd_convolution
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.precision import cpu_has_bf16
 
@@ -42,8 +44,9 @@ def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # convolution's or a packed weight's blocking), so rounding of about 1e-7 a value, grown through the layers:
 # measured up to 2.3e-6 (the decoder) on a Zen 4. bf16: each path rounds to bf16 (2^-8 = 0.4 % of a value) at
 # other points (the pieces round the scores before the softmax; a packed feed-forward rounds its gate once, not
-# twice), and those roundings pass through every later layer: measured up to 0.75 % (the decoder). A wrong kernel,
-# layout or scale is of order 100 %.
+# twice), and those roundings pass through every later layer: measured up to 0.75 % (the decoder). Winograd's
+# algorithm (fp32) sums terms larger than the products: measured up to 1.8e-6 (the decoder). A wrong kernel, layout or scale
+# is of order 100 %.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -58,12 +61,37 @@ def test_every_path_gives_the_reference_outputs(name, dtype, monkeypatch, tmp_pa
     monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / kernels.CACHE_NAME))
     monkeypatch.setenv("SD_KERNELS", REFERENCE)
     reference = demo_outputs(dtype)
+    winograd_calls = count_winograd_calls_on_the_demo_model(monkeypatch)
     for path in kernels.CHOICES[name][1:]:
         monkeypatch.setenv("SD_KERNELS", f"{REFERENCE},{name}={path}")
         for model, output in demo_outputs(dtype).items():
             assert output.dtype == dtype and output.shape == reference[model].shape
             assert relative_rms(output, reference[model]) < TOLERANCES[dtype], (model, path)
+    # Winograd's algorithm runs fp32 alone, for each 3x3 convolution of stride 1 of the U-Net and the decoder here
+    runs_winograd = (name, dtype) == ("convolution", torch.float32)
+    assert len(winograd_calls) == (stride_one_3x3_convolutions(dtype) if runs_winograd else 0)
     assert not (tmp_path / kernels.CACHE_NAME).exists()  # forced paths are never measured
+
+
+def stride_one_3x3_convolutions(dtype: torch.dtype) -> int:
+    models = load_models(DEMO_CHECKPOINT, dtype=dtype)
+    return sum(isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (3, 3) and layer.stride == (1, 1)
+               for name in ("diffusion", "decoder") for layer in models[name].modules())
+
+
+def count_winograd_calls_on_the_demo_model(monkeypatch) -> list:
+    """The list that each call of Winograd's algorithm adds its input's shape to, from now on; the algorithm let run
+    on the demo model's narrow layers and small inputs, where it does not pay."""
+    calls = []
+
+    def counted(x, *args):
+        calls.append(x.shape)
+        return winograd_convolution(x, *args)
+
+    monkeypatch.setattr(winograd, "LEAST_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "LEAST_BLOCKS", 1)
+    monkeypatch.setattr(winograd, "winograd_convolution", counted)
+    return calls
 
 
 def test_forced_paths_are_read_and_bad_ones_refused(monkeypatch):
@@ -181,6 +209,10 @@ def test_capability_decides_without_measuring(measured, monkeypatch):
     assert kernels.choice("attention", CPU, torch.bfloat16) == "sdpa"
     assert kernels.choice("packing", CPU, torch.bfloat16) == "off"
     assert kernels.choice("attention", CPU, torch.float16) == "sdpa" and not measured
+    assert kernels.choice("convolution", CPU, torch.bfloat16) == "direct" and not measured  # Winograd: fp32 alone
+    monkeypatch.setenv("SD_KERNELS", "packing=on")  # kernels packed at load: Winograd's algorithm needs them plain
+    assert kernels.choice("convolution", CPU, torch.float32) == "direct" and not measured
+    monkeypatch.delenv("SD_KERNELS")
     monkeypatch.setattr(kernels, "X86_ONEDNN", False)
     assert kernels.choice("packing", CPU, torch.float32) == "off" and not measured  # packing is oneDNN's, on x86
 

@@ -30,7 +30,7 @@ def test_upsample_equals_a_convolution_of_the_nearest_upsampled_image(channels_l
 
 def test_a_finished_stage_frees_the_weight_cast_buffer():
     cast_to(torch.float32, torch.zeros(1000, dtype=torch.bfloat16))
-    assert _scratch.buffers[(torch.device("cpu"), torch.float32)].numel() >= 1000
+    assert _scratch.buffers[("cast", torch.device("cpu"), torch.float32)].numel() >= 1000
     release_memory()
     assert not getattr(_scratch, "buffers", {})
     release_scratch()  # nothing left to free is fine too

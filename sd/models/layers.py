@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import choice
+from . import winograd
 
 _scratch = threading.local()
 
@@ -35,13 +36,7 @@ def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None, channels_last: bo
     if not any(t is not None and needs_copy(t) for t in tensors):
         return list(tensors)
     device = next(t.device for t in tensors if t is not None)
-    needed = sum(t.numel() for t in tensors if t is not None)
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((device, dtype))
-    if buffer is None or buffer.numel() < needed:
-        # an ordinary tensor, not an inference one: those cannot be written outside torch.inference_mode()
-        with torch.inference_mode(False):
-            buffer = buffers[(device, dtype)] = torch.empty(needed, dtype=dtype, device=device)
+    buffer = scratch_buffer("cast", sum(t.numel() for t in tensors if t is not None), device, dtype)
     cast, offset = [], 0
     for tensor in tensors:
         if tensor is None:
@@ -57,8 +52,19 @@ def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None, channels_last: bo
     return cast
 
 
+def scratch_buffer(use: str, needed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer for `use` on `device` in `dtype`, of at least `needed` elements (grown where smaller)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((use, device, dtype))
+    if buffer is None or buffer.numel() < needed:
+        # an ordinary tensor, not an inference one: those cannot be written outside torch.inference_mode()
+        with torch.inference_mode(False):
+            buffer = buffers[(use, device, dtype)] = torch.empty(needed, dtype=dtype, device=device)
+    return buffer
+
+
 def release_scratch() -> None:
-    """Frees this thread's cast buffers (a stage done with its weights need not keep the largest one's copy)."""
+    """Frees this thread's scratch buffers (a stage done with its weights need not keep the largest one's copy)."""
     _scratch.__dict__.pop("buffers", None)
 
 
@@ -110,6 +116,9 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.kernel_for(x)
+        if self.runs_winograd(x):
+            [weight, bias] = cast_to(x.dtype, weight, self.bias)
+            return winograd.winograd_convolution(x, weight, bias, lambda use, size: scratch_buffer(use, size, x.device, x.dtype))
         if weight.is_mkldnn:
             if x.dtype == weight.dtype:
                 return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
@@ -121,11 +130,23 @@ class Conv2d(nn.Conv2d):
 
     def kernel_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight, first packed for x's shape where the layer packs per input size and it is not so packed yet: at
-        the first call, where the shape changed, and where the weight was replaced by one packed otherwise."""
-        if self.packs_per_size and x.dtype == self.weight.dtype and getattr(self.weight, "packed_for", None) != x.shape:
+        the first call, where the shape changed, and where the weight was replaced by one packed otherwise; unpacked
+        where x runs by Winograd's algorithm, which transforms the plain kernel."""
+        if not self.packs_per_size or x.dtype != self.weight.dtype:
+            return self.weight
+        if self.runs_winograd(x):
+            if self.weight.is_mkldnn:
+                self.weight = weight_parameter(self.weight.to_dense().contiguous(memory_format=torch.channels_last))
+        elif getattr(self.weight, "packed_for", None) != x.shape:
             self.weight = weight_parameter(packed_for_input(self.weight, x.shape, self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
         return self.weight
+
+    def runs_winograd(self, x: torch.Tensor) -> bool:
+        """Whether x is convolved by Winograd's algorithm (sd/models/winograd.py): where it suits the layer and x, and
+        the CPU's timing chose it (sd/kernels.py), for a kernel not packed at load."""
+        return (winograd.suits(self, x) and (self.packs_per_size or not self.weight.is_mkldnn)
+                and choice("convolution", x.device, x.dtype) == "winograd")
 
 
 def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, into: torch.Tensor | None = None) -> torch.Tensor:

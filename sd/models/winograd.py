@@ -1,0 +1,107 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional
+Neural Networks", 2015): each 4x4 block of outputs is made from a 6x6 block of inputs by 36 products per channel pair
+instead of 144. The 36 products of all blocks are 36 matrix products over the channels, and the inputs' and kernels'
+transforms (sums with small integer and fractional weights) cost a few passes over memory.
+
+It pays where the convolution is bound by arithmetic and the matrix products are large: fp32 with AVX2, where
+oneDNN's 3x3 kernels run at the vector units' peak. Capped at AVX2, a Zen 5's guided 320-channel 64x64 convolution
+took 28 ms instead of 58, a 640-channel 32x32 one 31 instead of 58, the decoder's 512-channel 128x128 one 144 instead
+of 304; with AVX-512 it ran level with oneDNN's packed kernels (MKL's fp32 products run AVX2 code on that CPU), and
+narrow layers or few blocks lose (128 channels at 512x512: 1.6x). It is the same sum in another order through terms up
+to 10 times larger: fp32 results within 3-5e-5 of fp64 where oneDNN's are within 1-2e-5 (unit-variance inputs,
+kernels of unit-variance outputs). bf16 would lose 2-3 bits more: never used there. sd/kernels.py decides per CPU
+whether it runs at all (`convolution=winograd`).
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+TILE = 4  # outputs per block side; each block reads TILE + 2 inputs per side
+# B^T (inputs), G (kernels) and A^T (outputs) of F(4x4, 3x3), interpolating at 0, 1, -1, 2, -2 and infinity
+INPUT_TRANSFORM = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                   (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+KERNEL_TRANSFORM = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+                    (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+OUTPUT_TRANSFORM = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+# where it pays: at least this many blocks (a guided 16x16 input has 32) and channels in and out, and kernels of at
+# most this many channel pairs (the U-Net's widest at its second level, 1920 to 640: its transform takes 177 MB; the
+# third level's would take 236-472 MB, for 0.86x oneDNN's time capped at AVX2)
+LEAST_BLOCKS = 32
+LEAST_CHANNELS = 256
+MOST_CHANNEL_PAIRS = 1920 * 640
+CHUNK = 1 << 23  # elements of each temporary of the blocks' transforms: 32 MiB of fp32
+
+
+@functools.cache
+def transform(rows: tuple, device: torch.device) -> torch.Tensor:
+    """A block transform of both sides at once, as one matrix: kron(M, M), fp32."""
+    matrix = torch.tensor(rows, dtype=torch.float64)
+    return torch.kron(matrix, matrix).float().to(device)
+
+
+def suits(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv` of x is a 3x3 convolution this computes (stride 1, padding 1, fp32) where it pays (see above)."""
+    batch, _, height, width = x.shape
+    blocks = batch * -(-height // TILE) * -(-width // TILE)
+    channels = conv.in_channels, conv.out_channels
+    return (x.dtype == torch.float32 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and blocks >= LEAST_BLOCKS
+            and min(channels) >= LEAST_CHANNELS and channels[0] * channels[1] <= MOST_CHANNEL_PAIRS)
+
+
+def transformed_kernel(weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) fp32 kernels -> (36, C_in, C_out), each of the 36 a term of G w G^T for every channel pair,
+    written into `buffer` (at least 4 times the kernels' size: a fresh tensor's page faults took most of the time)."""
+    out_channels, in_channels = weight.shape[:2]
+    terms = transform(KERNEL_TRANSFORM, weight.device)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        # (C_out, 3, 3, C_in) in memory: (C_out, 36, 9) @ (C_out, 9, C_in) -> (C_out, 36, C_in), read as (36, C_in, C_out)
+        taps = weight.permute(0, 2, 3, 1).reshape(out_channels, 9, in_channels)
+        out = buffer[: 36 * weight[:, :, 0, 0].numel()].view(out_channels, 36, in_channels)
+        return torch.matmul(terms, taps, out=out).permute(1, 2, 0)
+    # (36, 9) @ (9, C_out * C_in) -> (36, C_out, C_in), read as (36, C_in, C_out)
+    out = buffer[: 36 * weight[:, :, 0, 0].numel()].view(36, -1)
+    return torch.mm(terms, weight.reshape(-1, 9).T, out=out).view(36, out_channels, in_channels).transpose(1, 2)
+
+
+def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) of fp32 x and weights by F(4x4, 3x3) (see suits), channels_last.
+    `buffer(use, elements)` is a flat fp32 tensor of at least that many elements kept for `use` (layers.scratch_buffer):
+    the blocks are transformed a few rows at a time through two such temporaries of at most CHUNK elements, and the
+    kernels once (a fresh 144 MiB temporary's page faults took longer than its product)."""
+    batch, in_channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    rows, cols = -(-height // TILE), -(-width // TILE)
+    # (B, C, H, W) -> (B, H + 2, W + 2, C), zero-padded, and to whole blocks at the bottom and right
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + cols * TILE - width, 1, 1 + rows * TILE - height))
+    batch_stride, row_stride, col_stride, _ = padded.stride()
+    # (B, H + 2, W + 2, C) -> (B, rows, cols, 6, 6, C): each block's inputs, which overlap by 2
+    blocks = padded.as_strided((batch, rows, cols, 6, 6, in_channels),
+                               (batch_stride, TILE * row_stride, TILE * col_stride, row_stride, col_stride, 1))
+    kernel = transformed_kernel(weight, buffer("winograd kernel", 4 * weight.numel()))
+    out = torch.empty(batch, out_channels, rows * TILE, cols * TILE, device=x.device, memory_format=torch.channels_last)
+    # (B, rows * 4, cols * 4, C_out) -> (B, rows, 4, cols, 4, C_out): each block's 4x4 outputs
+    out_blocks = out.permute(0, 2, 3, 1).view(batch, rows, TILE, cols, TILE, out_channels)
+    step = max(1, CHUNK // (36 * cols * max(in_channels, out_channels)))  # block rows at a time
+    size = 36 * min(step, rows) * cols * max(in_channels, out_channels)
+    first_buffer, second_buffer = buffer("winograd first", size), buffer("winograd second", size)
+    inputs_transform, outputs_transform = transform(INPUT_TRANSFORM, x.device), transform(OUTPUT_TRANSFORM, x.device)
+    for image in range(batch):
+        for row in range(0, rows, step):
+            chunk = blocks[image, row : row + step]  # (r, cols, 6, 6, C_in)
+            count = chunk.shape[0] * cols
+            gathered = first_buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).view(count, 36, in_channels)
+            # (36, 36) @ (n, 36, C_in) -> (n, 36, C_in): B^T d B for each block d and channel
+            inputs = torch.matmul(inputs_transform, gathered, out=second_buffer[: gathered.numel()].view(gathered.shape))
+            # 36 x (n, C_in) @ (C_in, C_out) -> (36, n, C_out)
+            products = torch.bmm(inputs.transpose(0, 1), kernel, out=first_buffer[: 36 * count * out_channels].view(36, count, out_channels))
+            # (16, 36) @ (36, n * C_out) -> (4, 4, r, cols, C_out): A^T m A for each block's products m
+            outputs = torch.mm(outputs_transform, products.view(36, -1), out=second_buffer[: 16 * count * out_channels].view(16, -1))
+            outputs = outputs.view(TILE, TILE, chunk.shape[0], cols, out_channels).permute(2, 0, 3, 1, 4)
+            target = out_blocks[image, row : row + step]
+            torch.add(outputs, bias, out=target) if bias is not None else target.copy_(outputs)
+    if (rows * TILE, cols * TILE) == (height, width):
+        return out
+    return out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
