@@ -359,8 +359,9 @@ def packing_calls(dtype: torch.dtype) -> dict:
 
 # (B, C_in, C_out, H, W) of 3x3 convolutions where Winograd's algorithm would run (sd/models/winograd.py, suits): a
 # quarter of the U-Net's guided top level at 512x512 (320 channels, 32 of 64 rows, one of the two latents), half of
-# the second level's (640 channels, 32x32), and the second level's at 256x256 (16x16: the fewest blocks it runs)
-WINOGRAD_CONVOLUTIONS = ((1, 320, 320, 32, 64), (1, 640, 640, 32, 32), (2, 640, 640, 16, 16))
+# the second level's (640 channels, 32x32), the second level's at 256x256 (16x16: the fewest blocks it runs), and
+# 16 rows of the decoder's top level (128 channels, the fewest it runs)
+WINOGRAD_CONVOLUTIONS = ((1, 320, 320, 32, 64), (1, 640, 640, 32, 32), (2, 640, 640, 16, 16), (1, 128, 128, 16, 512))
 
 
 def convolution_calls(dtype: torch.dtype) -> dict:

@@ -65,7 +65,7 @@ def test_winograd_suits_fp32_3x3_convolutions_of_stride_1_on_large_enough_inputs
     assert not suits(conv, torch.empty(1, 320, 16, 16, device="meta"))
     assert not suits(conv, large.to(torch.bfloat16))
     for other in (Conv2d(320, 320, 3, stride=2, padding=1), Conv2d(320, 320, 1), Conv2d(320, 320, 3),
-                  Conv2d(320, 128, 3, padding=1), Conv2d(320, 320, 3, padding=1, groups=2), Conv2d(1280, 1280, 3, padding=1)):
+                  Conv2d(320, 64, 3, padding=1), Conv2d(320, 320, 3, padding=1, groups=2), Conv2d(1280, 1280, 3, padding=1)):
         assert not suits(other.to("meta"), large)
 
 
@@ -101,3 +101,18 @@ def test_the_timing_s_paths_compute_the_same_convolutions(packing, monkeypatch):
         expected, out = direct(), by_winograd()
         assert out.shape == expected.shape
         assert (out - expected).abs().max() < 1e-4 * expected.abs().max()  # measured: 5.8e-6 to 7.4e-6
+
+
+@pytest.mark.parametrize("height, width", [(16, 12), (13, 12)])
+@pytest.mark.parametrize("add", [False, True])
+def test_winograd_writes_into_a_given_tensor_and_adds_to_it(height, width, add):
+    """Into `into` where it is a whole number of blocks (16x12), else into a new tensor (13x12); with `add`, the sum of
+    what `into` held and the convolution either way."""
+    x, kernel, bias = random_convolution(2, 24, 16, height, width)
+    total = torch.randn(2, 16, height, width).contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x.double(), kernel.double(), bias.double(), padding=1) + (total.double() if add else 0)
+    into = total.clone()
+    out = winograd_convolution(x.contiguous(memory_format=torch.channels_last), kernel, bias, scratch_buffers(), into, add)
+    assert (out is into) == (height % 4 == 0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max().item() < BOUND

@@ -14,6 +14,7 @@ takes part in autograd (the models are loaded with requires_grad False).
 """
 
 import ctypes
+import functools
 import sys
 import threading
 
@@ -115,10 +116,9 @@ class Conv2d(nn.Conv2d):
     packs_per_size = False  # set by pack_weights where kernels are packed for each input size (sd/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.kernel_for(x)
         if self.runs_winograd(x):
-            [weight, bias] = cast_to(x.dtype, weight, self.bias)
-            return winograd.winograd_convolution(x, weight, bias, lambda use, size: scratch_buffer(use, size, x.device, x.dtype))
+            return self.by_winograd(x)
+        weight = self.kernel_for(x)
         if weight.is_mkldnn:
             if x.dtype == weight.dtype:
                 return packed_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
@@ -141,6 +141,12 @@ class Conv2d(nn.Conv2d):
             self.weight = weight_parameter(packed_for_input(self.weight, x.shape, self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
         return self.weight
+
+    def by_winograd(self, x: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+        """forward(x) by Winograd's algorithm, into `into` and added to it with `add` (winograd_convolution)."""
+        [weight, bias] = cast_to(x.dtype, self.kernel_for(x), self.bias)
+        buffer = functools.partial(scratch_buffer, device=x.device, dtype=x.dtype)
+        return winograd.winograd_convolution(x, weight, bias, buffer, into, add)
 
     def runs_winograd(self, x: torch.Tensor) -> bool:
         """Whether x is convolved by Winograd's algorithm (sd/models/winograd.py): where it suits the layer and x, and
@@ -174,6 +180,8 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
     channels_last layout of its output); otherwise into a new tensor. Either way `total` is the caller's no more.
     In place there is no output to page-fault in, nor a pass to add it: for 128 channels at 512x512 in bf16, 84 ms
     against 89 for the convolution and 8 for the addition (Zen 5), and 16,384 page faults fewer."""
+    if conv.runs_winograd(x):
+        return conv.by_winograd(x, into=total, add=True)
     weight = conv.kernel_for(x)
     if weight.is_mkldnn and x.dtype == weight.dtype and takes_sums_in_place(total, x):
         return added_in_place(total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
@@ -182,14 +190,17 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
 
 def convolution_into(conv: Conv2d, x: torch.Tensor, scratch: "Scratch", name: str) -> torch.Tensor:
     """conv(x), written into scratch's tensor `name` (its contents lost) where a packed kernel can write there (x
-    channels_last, as the scratch's tensor then is); otherwise a new tensor, and no scratch tensor is made."""
-    weight = conv.kernel_for(x)
-    if not (weight.is_mkldnn and weight.dtype == x.dtype and x.is_contiguous(memory_format=torch.channels_last)):
-        return conv(x)
+    channels_last, as the scratch's tensor then is) or Winograd's algorithm runs; otherwise a new tensor, and no
+    scratch tensor is made."""
     sides = [
         (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
         for side, pad, dilation, kernel, stride in zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)
     ]
+    if conv.runs_winograd(x):
+        return conv.by_winograd(x, into=scratch.tensor(name, (x.shape[0], conv.out_channels, *sides), like=x))
+    weight = conv.kernel_for(x)
+    if not (weight.is_mkldnn and weight.dtype == x.dtype and x.is_contiguous(memory_format=torch.channels_last)):
+        return conv(x)
     out = scratch.tensor(name, (x.shape[0], conv.out_channels, *sides), like=x)
     return packed_convolution(x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, into=out)
 

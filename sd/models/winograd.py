@@ -6,11 +6,11 @@ transforms (sums with small integer and fractional weights) cost a few passes ov
 It pays where the convolution is bound by arithmetic and the matrix products are large: fp32 with AVX2, where
 oneDNN's 3x3 kernels run at the vector units' peak. Capped at AVX2, a Zen 5's guided 320-channel 64x64 convolution
 took 28 ms instead of 58, a 640-channel 32x32 one 31 instead of 58, the decoder's 512-channel 128x128 one 144 instead
-of 304; with AVX-512 it ran level with oneDNN's packed kernels (MKL's fp32 products run AVX2 code on that CPU), and
-narrow layers or few blocks lose (128 channels at 512x512: 1.6x). It is the same sum in another order through terms up
-to 10 times larger: fp32 results within 3-5e-5 of fp64 where oneDNN's are within 1-2e-5 (unit-variance inputs,
-kernels of unit-variance outputs). bf16 would lose 2-3 bits more: never used there. sd/kernels.py decides per CPU
-whether it runs at all (`convolution=winograd`).
+of 304, its 128-channel 512x512 one 309 instead of 345; few blocks lose (1280 channels at 8x8: 2.2x). With AVX-512 it
+ran level with oneDNN's packed kernels (MKL's fp32 products run AVX2 code on that CPU). It is the same sum in another
+order through terms up to 10 times larger: fp32 results within 3-5e-5 of fp64 where oneDNN's are within 1-2e-5
+(unit-variance inputs, kernels of unit-variance outputs). bf16 would lose 2-3 bits more: never used there.
+sd/kernels.py decides per CPU whether it runs at all (`convolution=winograd`).
 """
 
 import functools
@@ -29,7 +29,7 @@ OUTPUT_TRANSFORM = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0)
 # most this many channel pairs (the U-Net's widest at its second level, 1920 to 640: its transform takes 177 MB; the
 # third level's would take 236-472 MB, for 0.86x oneDNN's time capped at AVX2)
 LEAST_BLOCKS = 32
-LEAST_CHANNELS = 256
+LEAST_CHANNELS = 128
 MOST_CHANNEL_PAIRS = 1920 * 640
 CHUNK = 1 << 23  # elements of each temporary of the blocks' transforms: 32 MiB of fp32
 
@@ -66,22 +66,21 @@ def transformed_kernel(weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tens
     return torch.mm(terms, weight.reshape(-1, 9).T, out=out).view(36, out_channels, in_channels).transpose(1, 2)
 
 
-def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) of fp32 x and weights by F(4x4, 3x3) (see suits), channels_last.
+def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer,
+                         into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) of fp32 x and weights by F(4x4, 3x3) (see suits), channels_last; written
+    into `into` where that is a channels_last tensor of the output's shape, a whole number of blocks high and wide
+    (else a new tensor), and with `add` added to what `into` holds (its contents are lost either way).
     `buffer(use, elements)` is a flat fp32 tensor of at least that many elements kept for `use` (layers.scratch_buffer):
     the blocks are transformed a few rows at a time through two such temporaries of at most CHUNK elements, and the
     kernels once (a fresh 144 MiB temporary's page faults took longer than its product)."""
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     rows, cols = -(-height // TILE), -(-width // TILE)
-    # (B, C, H, W) -> (B, H + 2, W + 2, C), zero-padded, and to whole blocks at the bottom and right
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + cols * TILE - width, 1, 1 + rows * TILE - height))
-    batch_stride, row_stride, col_stride, _ = padded.stride()
-    # (B, H + 2, W + 2, C) -> (B, rows, cols, 6, 6, C): each block's inputs, which overlap by 2
-    blocks = padded.as_strided((batch, rows, cols, 6, 6, in_channels),
-                               (batch_stride, TILE * row_stride, TILE * col_stride, row_stride, col_stride, 1))
+    shape = (batch, out_channels, rows * TILE, cols * TILE)
+    fits = (into is not None and into.shape == shape and into.dtype == x.dtype and into.is_contiguous(memory_format=torch.channels_last))
+    out = into if fits else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     kernel = transformed_kernel(weight, buffer("winograd kernel", 4 * weight.numel()))
-    out = torch.empty(batch, out_channels, rows * TILE, cols * TILE, device=x.device, memory_format=torch.channels_last)
     # (B, rows * 4, cols * 4, C_out) -> (B, rows, 4, cols, 4, C_out): each block's 4x4 outputs
     out_blocks = out.permute(0, 2, 3, 1).view(batch, rows, TILE, cols, TILE, out_channels)
     step = max(1, CHUNK // (36 * cols * max(in_channels, out_channels)))  # block rows at a time
@@ -90,7 +89,7 @@ def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     inputs_transform, outputs_transform = transform(INPUT_TRANSFORM, x.device), transform(OUTPUT_TRANSFORM, x.device)
     for image in range(batch):
         for row in range(0, rows, step):
-            chunk = blocks[image, row : row + step]  # (r, cols, 6, 6, C_in)
+            chunk = input_blocks(x[image], row, min(step, rows - row), cols)  # (r, cols, 6, 6, C_in)
             count = chunk.shape[0] * cols
             gathered = first_buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).view(count, 36, in_channels)
             # (36, 36) @ (n, 36, C_in) -> (n, 36, C_in): B^T d B for each block d and channel
@@ -101,7 +100,23 @@ def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             outputs = torch.mm(outputs_transform, products.view(36, -1), out=second_buffer[: 16 * count * out_channels].view(16, -1))
             outputs = outputs.view(TILE, TILE, chunk.shape[0], cols, out_channels).permute(2, 0, 3, 1, 4)
             target = out_blocks[image, row : row + step]
-            torch.add(outputs, bias, out=target) if bias is not None else target.copy_(outputs)
-    if (rows * TILE, cols * TILE) == (height, width):
-        return out
-    return out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
+            if bias is not None:
+                outputs.add_(bias)
+            target.add_(outputs) if add and fits else target.copy_(outputs)
+    if (rows * TILE, cols * TILE) != (height, width):
+        out = out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
+    return out.add_(into) if add and not fits else out
+
+
+def input_blocks(image: torch.Tensor, row: int, count: int, cols: int) -> torch.Tensor:
+    """The 6x6 inputs of `count` rows of blocks from block row `row` of a (C, H, W) image, zero-padded by one pixel
+    and to whole blocks: (count, cols, 6, 6, C), a view of a padded copy of those rows alone (a copy of the whole image
+    took 270 MB more at the decoder's top level)."""
+    channels, height, width = image.shape
+    top, bottom = row * TILE - 1, (row + count) * TILE + 1  # the rows the blocks read, in the image's coordinates
+    # (C, H, W) -> (rows read, W, C) -> (4 count + 2, 4 cols + 2, C)
+    rows = image.permute(1, 2, 0)[max(top, 0) : min(bottom, height)]
+    padded = F.pad(rows, (0, 0, 1, 1 + cols * TILE - width, max(-top, 0), max(bottom - height, 0)))
+    row_stride, col_stride, _ = padded.stride()
+    # each block's inputs, which overlap by 2
+    return padded.as_strided((count, cols, 6, 6, channels), (TILE * row_stride, TILE * col_stride, row_stride, col_stride, 1))
