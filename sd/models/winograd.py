@@ -57,7 +57,7 @@ def transformed_kernel(weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tens
     out_channels, in_channels = weight.shape[:2]
     terms = transform(KERNEL_TRANSFORM, weight.device)
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        # (C_out, 3, 3, C_in) in memory: (C_out, 36, 9) @ (C_out, 9, C_in) -> (C_out, 36, C_in), read as (36, C_in, C_out)
+        # (C_out, 3, 3, C_in) in memory: (36, 9) @ (C_out, 9, C_in) -> (C_out, 36, C_in), read as (36, C_in, C_out)
         taps = weight.permute(0, 2, 3, 1).reshape(out_channels, 9, in_channels)
         out = buffer[: 36 * weight[:, :, 0, 0].numel()].view(out_channels, 36, in_channels)
         return torch.matmul(terms, taps, out=out).permute(1, 2, 0)
