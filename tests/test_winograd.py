@@ -58,6 +58,7 @@ def test_winograd_reuses_its_buffers_and_leaves_its_inputs_alone():
     assert all(torch.equal(now, then) for now, then in zip((x, kernel, bias), originals))
 
 
+@torch.no_grad()
 def test_winograd_suits_fp32_3x3_convolutions_of_stride_1_on_large_enough_inputs():
     conv = Conv2d(320, 320, 3, padding=1, device="meta")
     large = torch.empty(2, 320, 16, 16, device="meta")  # 32 blocks: the fewest
@@ -67,6 +68,18 @@ def test_winograd_suits_fp32_3x3_convolutions_of_stride_1_on_large_enough_inputs
     for other in (Conv2d(320, 320, 3, stride=2, padding=1), Conv2d(320, 320, 1), Conv2d(320, 320, 3),
                   Conv2d(320, 64, 3, padding=1), Conv2d(320, 320, 3, padding=1, groups=2), Conv2d(1280, 1280, 3, padding=1)):
         assert not suits(other.to("meta"), large)
+
+
+def test_a_convolution_that_autograd_records_is_left_to_oneDNN(monkeypatch):
+    """Training: Winograd's products are written into buffers, which autograd cannot follow."""
+    monkeypatch.setenv("SD_KERNELS", "convolution=winograd")
+    conv = Conv2d(128, 128, 3, padding=1)
+    x = torch.randn(2, 128, 16, 16)
+    conv(x).sum().backward()  # weights that take gradients
+    assert conv.weight.grad is not None and not suits(conv, x)
+    assert not suits(conv.requires_grad_(False), x.requires_grad_())
+    with torch.no_grad():
+        assert suits(conv, x)
 
 
 def test_a_layer_packed_per_size_keeps_its_kernel_plain_where_winograd_runs(monkeypatch):
