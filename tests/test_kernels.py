@@ -45,8 +45,8 @@ def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # measured up to 2.3e-6 (the decoder) on a Zen 4. bf16: each path rounds to bf16 (2^-8 = 0.4 % of a value) at
 # other points (the pieces round the scores before the softmax; a packed feed-forward rounds its gate once, not
 # twice), and those roundings pass through every later layer: measured up to 0.75 % (the decoder). Winograd's
-# algorithm (fp32) sums terms larger than the products: measured up to 1.8e-6 (the decoder). A wrong kernel, layout or scale
-# is of order 100 %.
+# algorithm (fp32) sums terms larger than the products: measured up to 1.8e-6 (the decoder). A wrong kernel, layout
+# or scale is of order 100 %.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

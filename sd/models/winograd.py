@@ -80,7 +80,7 @@ def winograd_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     out_channels = weight.shape[0]
     rows, cols = -(-height // TILE), -(-width // TILE)
     shape = (batch, out_channels, rows * TILE, cols * TILE)
-    fits = (into is not None and into.shape == shape and into.dtype == x.dtype and into.is_contiguous(memory_format=torch.channels_last))
+    fits = into is not None and (into.shape, into.dtype) == (shape, x.dtype) and into.is_contiguous(memory_format=torch.channels_last)
     out = into if fits else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     kernel = transformed_kernel(weight, buffer("winograd kernel", 4 * weight.numel()))
     # (B, rows * 4, cols * 4, C_out) -> (B, rows, 4, cols, 4, C_out): each block's 4x4 outputs
