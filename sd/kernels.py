@@ -328,10 +328,15 @@ def channels_last_calls(dtype: torch.dtype) -> dict:
     return {"off": [all_of(residual_block_part, plain)], "on": [all_of(residual_block_part, laid_out)]}
 
 
+def chosen_layout(dtype: torch.dtype) -> torch.memory_format:
+    """The layout of the activations and kernels on this CPU's chosen path (channels_last or not)."""
+    return torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
+
+
 def packing_calls(dtype: torch.dtype) -> dict:
     from .models.layers import linear, pack_convolution_weight, pack_linear_weight, packed_convolution
 
-    layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
+    layout = chosen_layout(dtype)
     # with the feed-forward's first product at 32x32: (1, 1024, 640) tokens, (2560, 640) weight
     tokens, weight = _random(dtype, 1, 1024, 640), _random(dtype, 2560, 640)
     packed_weight = pack_linear_weight(weight)
@@ -357,29 +362,26 @@ def packing_calls(dtype: torch.dtype) -> dict:
             "sizes": calls(packed, lambda kernel, x: pack_convolution_weight(kernel, (1, 1), input_shape=x.shape), packed_weight)}
 
 
-# (B, C_in, C_out, H, W) of 3x3 convolutions where Winograd's algorithm would run (sd/models/winograd.py, suits): a
+# (B, C, H, W) inputs of 3x3 convolutions where Winograd's algorithm would run (sd/models/winograd.py, suits): a
 # quarter of the U-Net's guided top level at 512x512 (320 channels, 32 of 64 rows, one of the two latents), half of
 # the second level's (640 channels, 32x32), the second level's at 256x256 (16x16: the fewest blocks it runs), and
 # 16 rows of the decoder's top level (128 channels, the fewest it runs)
-WINOGRAD_CONVOLUTIONS = ((1, 320, 320, 32, 64), (1, 640, 640, 32, 32), (2, 640, 640, 16, 16), (1, 128, 128, 16, 512))
+WINOGRAD_CONVOLUTIONS = ((1, 320, 32, 64), (1, 640, 32, 32), (2, 640, 16, 16), (1, 128, 16, 512))
 
 
 def convolution_calls(dtype: torch.dtype) -> dict:
     from .models.layers import pack_convolution_weight, packed_convolution, scratch_buffer
     from .models.winograd import winograd_convolution
 
-    layout = torch.channels_last if choice("channels_last", torch.device("cpu"), dtype) == "on" else torch.contiguous_format
-    cases = [(_random(dtype, batch, in_channels, height, width).contiguous(memory_format=layout),
-              _random(dtype, out_channels, in_channels, 3, 3).mul_(0.02).contiguous(memory_format=layout), _random(dtype, out_channels))
-             for batch, in_channels, out_channels, height, width in WINOGRAD_CONVOLUTIONS]
+    cases = convolution_cases(dtype, chosen_layout(dtype), WINOGRAD_CONVOLUTIONS)
     scratch = functools.partial(scratch_buffer, device=torch.device("cpu"), dtype=dtype)  # the layers' own
     # without Winograd, as the chosen packing runs them: each kernel packed for its input's shape (`sizes`), or plain
     if choice("packing", torch.device("cpu"), dtype) == "sizes":
-        packed = [(x, pack_convolution_weight(kernel, (1, 1), input_shape=x.shape), bias) for x, kernel, bias in cases]
-        direct = [functools.partial(packed_convolution, x, kernel, bias, (1, 1)) for x, kernel, bias in packed]
+        packed = [(x, pack_convolution_weight(kernel, (1, 1), input_shape=x.shape)) for x, kernel in cases]
+        direct = [functools.partial(packed_convolution, x, kernel, None, (1, 1)) for x, kernel in packed]
     else:
-        direct = [functools.partial(F.conv2d, x, kernel, bias, padding=1) for x, kernel, bias in cases]
-    return {"direct": direct, "winograd": [functools.partial(winograd_convolution, *case, scratch) for case in cases]}
+        direct = [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in cases]
+    return {"direct": direct, "winograd": [functools.partial(winograd_convolution, x, kernel, None, scratch) for x, kernel in cases]}
 
 
 TIMED_CALLS = {"attention": attention_calls, "packing": packing_calls, "linear": linear_calls, "channels_last": channels_last_calls,

@@ -20,10 +20,10 @@ from sd.models.layers import (
     Conv2d, GroupNorm, Linear, Scratch, Upsample, cast_to, convolution_added, fold_upsampling, linear_as_convolution, pack_convolution_weight,
     pack_weights, scratch_for,
 )
-from sd.models import winograd
 from sd.models.vae import VAEConfig
 from sd.precision import cpu_has_bf16
 from sd.files.loader import release_mapped
+from test_winograd import winograd_on_every_layer
 from sd.prompts.tokenizer import encode
 
 
@@ -446,12 +446,12 @@ def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own
     close to float64's as with fresh temporaries, and the scratch's tensors were handed back for reuse."""
     if packing != "off" and (not X86_ONEDNN or (dtype == torch.bfloat16 and not cpu_has_bf16())):
         pytest.skip("packing is for oneDNN on x86, bf16 on CPUs with bf16 instructions")
+    winograd_calls = []
     if packing == "sizes+winograd":
         if dtype != torch.float32:
             pytest.skip("Winograd's algorithm is for fp32")
         monkeypatch.setenv("SD_KERNELS", "convolution=winograd")
-        monkeypatch.setattr(winograd, "LEAST_CHANNELS", 1)
-        monkeypatch.setattr(winograd, "LEAST_BLOCKS", 1)
+        winograd_calls = winograd_on_every_layer(monkeypatch)
     generator = torch.Generator().manual_seed(1)
     if kind is Decoder:
         x = torch.randn(2, 4, 12, 10, generator=generator)
@@ -480,6 +480,9 @@ def test_vae_blocks_sharing_their_temporaries_compute_what_each_did_with_its_own
         assert relative_error(shared, expected) < 1.25 * relative_error(own, expected)
     reused = {name for i, (name, t) in enumerate(handed) if any(t is u for _, u in handed[:i])}
     assert reused == ({"norm", "conv"} if packing != "off" else {"norm"})
+    # each 3x3 layer of stride 1, in both runs
+    assert len(winograd_calls) == (2 * sum(isinstance(layer, Conv2d) and layer.stride == (1, 1) and layer.kernel_size == (3, 3)
+                                           for layer in model.modules()) if packing == "sizes+winograd" else 0)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

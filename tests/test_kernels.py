@@ -12,10 +12,9 @@ from click.testing import CliRunner
 import cli
 from sd import kernels, load_models
 from sd.errors import SDError
-from sd.models import winograd
-from sd.models.winograd import winograd_convolution
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.precision import cpu_has_bf16
+from test_winograd import winograd_on_every_layer
 
 CPU = torch.device("cpu")
 REFERENCE = ",".join(f"{name}={paths[0]}" for name, paths in kernels.CHOICES.items())
@@ -61,7 +60,7 @@ def test_every_path_gives_the_reference_outputs(name, dtype, monkeypatch, tmp_pa
     monkeypatch.setenv("SD_KERNELS_CACHE", str(tmp_path / kernels.CACHE_NAME))
     monkeypatch.setenv("SD_KERNELS", REFERENCE)
     reference = demo_outputs(dtype)
-    winograd_calls = count_winograd_calls_on_the_demo_model(monkeypatch)
+    winograd_calls = winograd_on_every_layer(monkeypatch)
     for path in kernels.CHOICES[name][1:]:
         monkeypatch.setenv("SD_KERNELS", f"{REFERENCE},{name}={path}")
         for model, output in demo_outputs(dtype).items():
@@ -77,21 +76,6 @@ def stride_one_3x3_convolutions(dtype: torch.dtype) -> int:
     models = load_models(DEMO_CHECKPOINT, dtype=dtype)
     return sum(isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (3, 3) and layer.stride == (1, 1)
                for name in ("diffusion", "decoder") for layer in models[name].modules())
-
-
-def count_winograd_calls_on_the_demo_model(monkeypatch) -> list:
-    """The list that each call of Winograd's algorithm adds its input's shape to, from now on; the algorithm let run
-    on the demo model's narrow layers and small inputs, where it does not pay."""
-    calls = []
-
-    def counted(x, *args):
-        calls.append(x.shape)
-        return winograd_convolution(x, *args)
-
-    monkeypatch.setattr(winograd, "LEAST_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "LEAST_BLOCKS", 1)
-    monkeypatch.setattr(winograd, "winograd_convolution", counted)
-    return calls
 
 
 def test_forced_paths_are_read_and_bad_ones_refused(monkeypatch):

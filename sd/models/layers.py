@@ -128,23 +128,23 @@ class Conv2d(nn.Conv2d):
         channels_last = choice("channels_last", x.device, x.dtype) == "on"
         return self._conv_forward(x, *cast_to(x.dtype, weight, self.bias, channels_last=channels_last))
 
-    def kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_for(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
         """The weight, first packed for x's shape where the layer packs per input size and it is not so packed yet: at
-        the first call, where the shape changed, and where the weight was replaced by one packed otherwise; unpacked
-        where x runs by Winograd's algorithm, which transforms the plain kernel."""
+        the first call, where the shape changed, and where the weight was replaced by one packed otherwise; with `plain`
+        (Winograd's algorithm, which transforms the plain kernel) unpacked instead."""
         if not self.packs_per_size or x.dtype != self.weight.dtype:
             return self.weight
-        if self.runs_winograd(x):
+        if plain:
             if self.weight.is_mkldnn:
                 self.weight = weight_parameter(self.weight.to_dense().contiguous(memory_format=torch.channels_last))
-        elif getattr(self.weight, "packed_for", None) != x.shape:
+        elif not packed_for_shape_of(self.weight, x):
             self.weight = weight_parameter(packed_for_input(self.weight, x.shape, self.padding, self.stride, self.dilation, self.groups))
             trim_heap()  # as pack_weights does: the plain weight's memory is a hole the next packed one seldom fits
         return self.weight
 
     def by_winograd(self, x: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
         """forward(x) by Winograd's algorithm, into `into` and added to it with `add` (winograd_convolution)."""
-        [weight, bias] = cast_to(x.dtype, self.kernel_for(x), self.bias)
+        [weight, bias] = cast_to(x.dtype, self.kernel_for(x, plain=True), self.bias)
         buffer = functools.partial(scratch_buffer, device=x.device, dtype=x.dtype)
         return winograd.winograd_convolution(x, weight, bias, buffer, into, add)
 
@@ -230,6 +230,12 @@ def packed_for_input(kernel: torch.Tensor, shape, padding, stride=(1, 1), dilati
     packed = pack_convolution_weight(plain, padding, stride, dilation, groups, tuple(shape))
     packed.packed_for = tuple(shape)
     return packed
+
+
+def packed_for_shape_of(kernel: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `kernel` is packed for x's shape (packed_for_input), or in another dtype than x's and so never packed
+    for it (it is cast on use)."""
+    return kernel.dtype != x.dtype or getattr(kernel, "packed_for", None) == x.shape
 
 
 def packed_like(kernel: torch.Tensor, plain: torch.Tensor, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
@@ -474,7 +480,7 @@ class Upsample(nn.Module):
     def kernels_for(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The folded kernels and the bias in x's dtype, packed first for x's shape where the layer packs per input
         size and they are not so packed yet (see Conv2d.kernel_for)."""
-        if self.packs_per_size and self.packed[0][0].dtype == x.dtype and getattr(self.packed[0][0], "packed_for", None) != x.shape:
+        if self.packs_per_size and not packed_for_shape_of(self.packed[0][0], x):
             kernels, bias = self.packed
             self.packed = [packed_for_input(kernel, x.shape, (1, 1)) for kernel in kernels], bias
         return self.folded_kernels(x.dtype)

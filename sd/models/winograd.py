@@ -43,14 +43,15 @@ def transform(rows: tuple, device: torch.device) -> torch.Tensor:
 
 def suits(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` of x is a 3x3 convolution this computes (stride 1, padding 1, fp32) where it pays (see above),
-    and one that autograd does not record (training): the products are written into buffers."""
+    and one that autograd does not record (training): the products are written into buffers. Asked on every
+    convolution's call: the dtype and the layer's shape first."""
+    if x.dtype != torch.float32 or (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        return False
     batch, _, height, width = x.shape
     blocks = batch * -(-height // TILE) * -(-width // TILE)
     channels = conv.in_channels, conv.out_channels
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv.weight, conv.bias))
-    return (x.dtype == torch.float32 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and blocks >= LEAST_BLOCKS
-            and min(channels) >= LEAST_CHANNELS and channels[0] * channels[1] <= MOST_CHANNEL_PAIRS and not recorded)
+    return blocks >= LEAST_BLOCKS and min(channels) >= LEAST_CHANNELS and channels[0] * channels[1] <= MOST_CHANNEL_PAIRS and not recorded
 
 
 def transformed_kernel(weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
