@@ -11,7 +11,7 @@ Each choice has its candidate paths, the reference (PyTorch's plain path) first:
   oneDNN's, sd/models/layers.py, linear_as_convolution);
 - channels_last: `off` or `on`, convolution kernels, and so the activations they make, laid out channels_last;
 - convolution: `direct` (oneDNN's) or `winograd` (Winograd's F(4x4, 3x3), sd/models/winograd.py), fp32 3x3
-  convolutions of large inputs whose kernels are not packed at load.
+  convolutions of large inputs; where it is chosen, the kernels it takes are not packed at load.
 
 On CUDA and MPS the paths are fixed (PATHS_OFF_CPU). On a CPU, capability rules out what cannot pay: bf16 without
 bf16 instructions, and fp16, compute in fp32 in our models (sd/precision.py), so such weights get the reference
@@ -123,8 +123,7 @@ def candidates(name: str, dtype: torch.dtype) -> tuple[str, ...]:
         return paths[:1]  # never the dtype our models compute in here (sd/precision.py): nothing to gain
     if name == "packing" and not X86_ONEDNN:
         return paths[:1]
-    # Winograd's sums lose 2-3 bits that bf16 has not to spare, and it transforms plain kernels, never ones packed at load
-    if name == "convolution" and (dtype != torch.float32 or choice("packing", torch.device("cpu"), dtype) == "on"):
+    if name == "convolution" and dtype != torch.float32:  # Winograd's sums lose 2-3 bits that bf16 has not to spare
         return paths[:1]
     return paths
 
@@ -375,12 +374,14 @@ def convolution_calls(dtype: torch.dtype) -> dict:
 
     cases = convolution_cases(dtype, chosen_layout(dtype), WINOGRAD_CONVOLUTIONS)
     scratch = functools.partial(scratch_buffer, device=torch.device("cpu"), dtype=dtype)  # the layers' own
-    # without Winograd, as the chosen packing runs them: each kernel packed for its input's shape (`sizes`), or plain
-    if choice("packing", torch.device("cpu"), dtype) == "sizes":
-        packed = [(x, pack_convolution_weight(kernel, (1, 1), input_shape=x.shape)) for x, kernel in cases]
-        direct = [functools.partial(packed_convolution, x, kernel, None, (1, 1)) for x, kernel in packed]
-    else:
+    # without Winograd, as the chosen packing runs them: plain, each kernel packed for its input's shape (`sizes`), or
+    # for one 8x8 input (`on`)
+    packing = choice("packing", torch.device("cpu"), dtype)
+    if packing == "off":
         direct = [functools.partial(F.conv2d, x, kernel, padding=1) for x, kernel in cases]
+    else:
+        packed = [(x, pack_convolution_weight(kernel, (1, 1), input_shape=x.shape if packing == "sizes" else None)) for x, kernel in cases]
+        direct = [functools.partial(packed_convolution, x, kernel, None, (1, 1)) for x, kernel in packed]
     return {"direct": direct, "winograd": [functools.partial(winograd_convolution, x, kernel, None, scratch) for x, kernel in cases]}
 
 

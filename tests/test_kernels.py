@@ -14,6 +14,8 @@ from sd import kernels, load_models
 from sd.errors import SDError
 from sd.pipeline import DEMO_CHECKPOINT
 from sd.precision import cpu_has_bf16
+from sd.models import winograd
+from sd.models.layers import Conv2d
 from test_winograd import winograd_on_every_layer
 
 CPU = torch.device("cpu")
@@ -70,6 +72,31 @@ def test_every_path_gives_the_reference_outputs(name, dtype, monkeypatch, tmp_pa
     runs_winograd = (name, dtype) == ("convolution", torch.float32)
     assert len(winograd_calls) == (stride_one_3x3_convolutions(dtype) if runs_winograd else 0)
     assert not (tmp_path / kernels.CACHE_NAME).exists()  # forced paths are never measured
+
+
+def test_kernels_packed_at_load_leave_the_layers_winograd_takes_plain(monkeypatch):
+    """Where kernels are packed at load (packing=on) and Winograd's algorithm was chosen, the 3x3 kernels it takes stay
+    plain and are packed per input size where it does not run; the others are packed. Here it takes the demo U-Net's
+    96-channel layers, not its 48-channel ones nor any of the decoder's (at most 48), and the outputs are the
+    reference paths'."""
+    if not kernels.X86_ONEDNN:
+        pytest.skip("packing is for oneDNN on x86")
+    monkeypatch.setenv("SD_KERNELS", REFERENCE)
+    reference = demo_outputs(torch.float32)
+    calls = winograd_on_every_layer(monkeypatch)
+    monkeypatch.setattr(winograd, "LEAST_CHANNELS", 96)
+    monkeypatch.setenv("SD_KERNELS", f"{REFERENCE},packing=on,convolution=winograd")
+    models = load_models(DEMO_CHECKPOINT, dtype=torch.float32)
+    layers = [layer for name in ("diffusion", "decoder") for layer in models[name].modules()
+              if isinstance(layer, Conv2d) and layer.kernel_size == (3, 3)]
+    taken = [layer for layer in layers if winograd.takes(layer)]
+    assert taken and len(taken) < len(layers)
+    for layer in layers:
+        plain = layer in taken
+        assert (layer.packs_per_size, layer.weight.is_mkldnn) == (plain, not plain)
+    for model, output in demo_outputs(torch.float32).items():
+        assert relative_rms(output, reference[model]) < TOLERANCES[torch.float32], model
+    assert len(calls) == len(taken)  # each once: the U-Net's 96-channel layers
 
 
 def stride_one_3x3_convolutions(dtype: torch.dtype) -> int:
@@ -194,9 +221,6 @@ def test_capability_decides_without_measuring(measured, monkeypatch):
     assert kernels.choice("packing", CPU, torch.bfloat16) == "off"
     assert kernels.choice("attention", CPU, torch.float16) == "sdpa" and not measured
     assert kernels.choice("convolution", CPU, torch.bfloat16) == "direct" and not measured  # Winograd: fp32 alone
-    monkeypatch.setenv("SD_KERNELS", "packing=on")  # kernels packed at load: Winograd's algorithm needs them plain
-    assert kernels.choice("convolution", CPU, torch.float32) == "direct" and not measured
-    monkeypatch.delenv("SD_KERNELS")
     monkeypatch.setattr(kernels, "X86_ONEDNN", False)
     assert kernels.choice("packing", CPU, torch.float32) == "off" and not measured  # packing is oneDNN's, on x86
 

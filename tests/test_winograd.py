@@ -117,10 +117,10 @@ def test_a_layer_packed_per_size_keeps_its_kernel_plain_where_winograd_runs(monk
             assert conv.weight.is_mkldnn and conv.weight.packed_for == tuple(small.shape)
 
 
-@pytest.mark.parametrize("packing", ["off", "sizes"])
+@pytest.mark.parametrize("packing", ["off", "on", "sizes"])
 def test_the_timing_s_paths_compute_the_same_convolutions(packing, monkeypatch):
     """Timed against the packing chosen (here forced), Winograd's algorithm and oneDNN's give the same outputs."""
-    if packing == "sizes" and not kernels.X86_ONEDNN:
+    if packing != "off" and not kernels.X86_ONEDNN:
         pytest.skip("packing is for oneDNN on x86")
     monkeypatch.setenv("SD_KERNELS", f"packing={packing}")
     calls = kernels.convolution_calls(torch.float32)

@@ -150,9 +150,14 @@ class Conv2d(nn.Conv2d):
 
     def runs_winograd(self, x: torch.Tensor) -> bool:
         """Whether x is convolved by Winograd's algorithm (sd/models/winograd.py): where it suits the layer and x, and
-        the CPU's timing chose it (sd/kernels.py), for a kernel not packed at load."""
+        the CPU's timing chose it (sd/kernels.py), for a kernel not packed at load (see keeps_plain)."""
         return (winograd.suits(self, x) and (self.packs_per_size or not self.weight.is_mkldnn)
                 and choice("convolution", x.device, x.dtype) == "winograd")
+
+    def keeps_plain(self, dtype: torch.dtype) -> bool:
+        """Whether pack_weights leaves this layer's kernel plain for Winograd's algorithm, which transforms plain
+        kernels: where it takes the layer and the CPU's timing chose it for `dtype`."""
+        return dtype == torch.float32 and winograd.takes(self) and choice("convolution", torch.device("cpu"), dtype) == "winograd"
 
 
 def packed_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride=(1, 1), dilation=(1, 1), groups: int = 1, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,7 +318,8 @@ def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_la
     With `per_size` the convolution kernels (3x3, and the upsampling layers' folded ones) are left plain, cast to
     `dtype` with the other parameters, and each is packed at its first call for the input shape (batch, height and
     width) it meets there, and anew where that changes (Conv2d.kernel_for): one packing a kernel, as here, while it
-    stays.
+    stays. So are the 3x3 kernels that Winograd's algorithm takes where the CPU's timing chose it (Conv2d.keeps_plain):
+    plain where it runs, packed for the inputs it leaves to oneDNN.
     """
     done = done or (lambda tensor: None)
     for layer in [layer for layer in model.modules() if hasattr(layer, "pack")]:
@@ -324,7 +330,7 @@ def pack_weights(model: nn.Module, dtype: torch.dtype | None = None, channels_la
         trim_heap()
     for layer in model.modules():
         if isinstance(layer, Conv2d) and layer.kernel_size != (1, 1):
-            if per_size:
+            if per_size or layer.keeps_plain(dtype or layer.weight.dtype):
                 layer.packs_per_size = True  # cast below with the other plain parameters, packed at its first call
                 continue
             [weight] = cast_to(dtype or layer.weight.dtype, layer.weight, channels_last=True)

@@ -6,8 +6,9 @@ transforms (sums with small integer and fractional weights) cost a few passes ov
 It pays where the convolution is bound by arithmetic and the matrix products are large: fp32 with AVX2, where
 oneDNN's 3x3 kernels run at the vector units' peak. Capped at AVX2, a Zen 5's guided 320-channel 64x64 convolution
 took 28 ms instead of 58, a 640-channel 32x32 one 31 instead of 58, the decoder's 512-channel 128x128 one 144 instead
-of 304, its 128-channel 512x512 one 309 instead of 345; few blocks lose (1280 channels at 8x8: 2.2x). With AVX-512 it
-ran level with oneDNN's packed kernels (MKL's fp32 products run AVX2 code on that CPU). It is the same sum in another
+of 304, its 128-channel 512x512 one 309 instead of 345; few blocks lose (1280 channels at 8x8: 2.2x). With AVX-512 the
+same Zen 5 ran it in 0.87-1.86x the time of oneDNN's kernels packed at load (MKL's fp32 products run AVX2 code on AMD
+CPUs; on Intel ones they run AVX-512 as oneDNN's kernels do, so there it may pay). It is the same sum in another
 order through terms up to 10 times larger: fp32 results within 3-5e-5 of fp64 where oneDNN's are within 1-2e-5
 (unit-variance inputs, kernels of unit-variance outputs). bf16 would lose 2-3 bits more: never used there.
 sd/kernels.py decides per CPU whether it runs at all (`convolution=winograd`).
@@ -41,17 +42,25 @@ def transform(rows: tuple, device: torch.device) -> torch.Tensor:
     return torch.kron(matrix, matrix).float().to(device)
 
 
+def takes(conv: torch.nn.Conv2d) -> bool:
+    """Whether `conv` is a layer this computes where it can pay: a 3x3 kernel of stride 1 and padding 1, at least
+    LEAST_CHANNELS in and out, at most MOST_CHANNEL_PAIRS (pack_weights leaves such kernels plain where it runs)."""
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        return False
+    channels = conv.in_channels, conv.out_channels
+    return min(channels) >= LEAST_CHANNELS and channels[0] * channels[1] <= MOST_CHANNEL_PAIRS
+
+
 def suits(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` of x is a 3x3 convolution this computes (stride 1, padding 1, fp32) where it pays (see above),
+    """Whether `conv` of x is a convolution this computes where it pays (see above and takes): fp32, enough blocks,
     and one that autograd does not record (training): the products are written into buffers. Asked on every
-    convolution's call: the dtype and the layer's shape first."""
-    if x.dtype != torch.float32 or (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+    convolution's call: the dtype and the layer first."""
+    if x.dtype != torch.float32 or not takes(conv):
         return False
     batch, _, height, width = x.shape
     blocks = batch * -(-height // TILE) * -(-width // TILE)
-    channels = conv.in_channels, conv.out_channels
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv.weight, conv.bias))
-    return blocks >= LEAST_BLOCKS and min(channels) >= LEAST_CHANNELS and channels[0] * channels[1] <= MOST_CHANNEL_PAIRS and not recorded
+    return blocks >= LEAST_BLOCKS and not recorded
 
 
 def transformed_kernel(weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
