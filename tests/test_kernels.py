@@ -225,6 +225,17 @@ def test_capability_decides_without_measuring(measured, monkeypatch):
     assert kernels.choice("packing", CPU, torch.float32) == "off" and not measured  # packing is oneDNN's, on x86
 
 
+@pytest.mark.parametrize("packing", ["off", "on", "sizes"])
+def test_winograd_is_timed_whatever_the_packing(packing, measured, monkeypatch):
+    """fp32's convolution is measured against each packing: where kernels are packed at load (`on`), those that
+    Winograd's algorithm takes are then left plain (test_kernels_packed_at_load_leave_the_layers_winograd_takes_plain)."""
+    timed = []
+    monkeypatch.setenv("SD_KERNELS", f"packing={packing},channels_last=on")
+    monkeypatch.setitem(kernels.TIMED_CALLS, "convolution", lambda dtype: timed.append(dtype) or {"direct": None, "winograd": None})
+    monkeypatch.setattr(kernels, "timed", lambda calls: ({"direct": [2.0], "winograd": [1.0]}, 0.95))
+    assert kernels.choice("convolution", CPU, torch.float32) == "winograd" and timed == [torch.float32]
+
+
 def test_a_damaged_or_unwritable_cache_is_ignored_with_a_warning(measured, monkeypatch, tmp_path, caplog):
     (tmp_path / kernels.CACHE_NAME).write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="sd"):
