@@ -116,8 +116,10 @@ class Conv2d(nn.Conv2d):
     packs_per_size = False  # set by pack_weights where kernels are packed for each input size (sd/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runs_winograd(x):
-            return self.by_winograd(x)
+        return self.by_winograd(x) if self.runs_winograd(x) else self.direct(x)
+
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) where Winograd's algorithm does not run: oneDNN's kernel on a CPU (PyTorch's elsewhere)."""
         weight = self.kernel_for(x)
         if weight.is_mkldnn:
             if x.dtype == weight.dtype:
@@ -190,7 +192,7 @@ def convolution_added(conv: Conv2d, x: torch.Tensor, total: torch.Tensor) -> tor
     weight = conv.kernel_for(x)
     if weight.is_mkldnn and x.dtype == weight.dtype and takes_sums_in_place(total, x):
         return added_in_place(total, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
-    return conv(x).add_(total)
+    return conv.direct(x).add_(total)
 
 
 def convolution_into(conv: Conv2d, x: torch.Tensor, scratch: "Scratch", name: str) -> torch.Tensor:
@@ -205,7 +207,7 @@ def convolution_into(conv: Conv2d, x: torch.Tensor, scratch: "Scratch", name: st
         return conv.by_winograd(x, into=scratch.tensor(name, (x.shape[0], conv.out_channels, *sides), like=x))
     weight = conv.kernel_for(x)
     if not (weight.is_mkldnn and weight.dtype == x.dtype and x.is_contiguous(memory_format=torch.channels_last)):
-        return conv(x)
+        return conv.direct(x)
     out = scratch.tensor(name, (x.shape[0], conv.out_channels, *sides), like=x)
     return packed_convolution(x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, into=out)
 
