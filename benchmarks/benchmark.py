@@ -1019,7 +1019,8 @@ def main() -> None:
     lines += [f"PSNR {pair}: {value:.1f} dB" for pair, value in psnrs.items()]
     print("\n" + "\n".join(lines))
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_description(), "cpu_flags": kernels.cpu_flags(),
-               "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": cpu_has_bf16(), "kernels": chosen, "date": time.strftime("%Y-%m-%d")}
+               "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": cpu_has_bf16(), "kernels": chosen,
+               "kernel_timings": {name: kernels.timings(compute_dtype(DTYPES[name], cpu)) for name in args.dtypes}, "date": time.strftime("%Y-%m-%d")}
     args.output.write_text(json.dumps({"machine": machine, "results": results + peers + compiled, "psnr_db": psnrs, "table": lines}, indent=1))
 
 

@@ -187,6 +187,11 @@ def _cache_lock():
         yield
 
 
+def timings(dtype: torch.dtype) -> dict:
+    """This CPU's cached choices for `dtype`, each with the seconds its paths took (for a benchmark's record)."""
+    return _read_cache(warn=False).get(cache_key(dtype), {})
+
+
 def cache_key(dtype: torch.dtype) -> str:
     threads = torch.get_num_threads()
     return f"{cpu_model()}; {' '.join(cpu_flags())}; torch {torch.__version__}; {threads} threads; {dtype}; {TIMED}"

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from sd import kernels
 from sd.pipeline import DEMO_CHECKPOINT
 
@@ -57,6 +59,11 @@ def test_benchmark_measures_every_figure_for_both_implementations(safetensors_ch
     table = "\n".join(report["table"])
     assert "sd/diff" in table and "fp32 64x64" in table and "steps in turn" in table and "PSNR sd-fp32 vs diffusers-fp32" in printed
     assert "sd fp32 load .safetensors, fastest run: " in printed and "GiB read from disk" in printed
+    # the kernel choices each figure ran, with the seconds of every path timed for them on this CPU
+    chosen, timings = report["machine"]["kernels"]["fp32"], report["machine"]["kernel_timings"]["fp32"]
+    timed = [name for name in kernels.CHOICES if len(kernels.candidates(name, torch.float32)) > 1]
+    assert {name: timings[name]["path"] for name in timed} == {name: chosen[name] for name in timed}
+    assert all(set(timings[name]["seconds"]) == set(kernels.CHOICES[name]) for name in timed)
 
 
 def assert_turns(results: list[dict], runs: int) -> None:
