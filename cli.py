@@ -32,7 +32,7 @@ from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoi
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.sampling.samplers import SAMPLERS, karras_by_default
 from sd.prompts.conditioning import EMPHASIS_MODES
-from sd.settings import COMMAND_DEFAULTS, MAX_CLIP_SKIP, MAX_SEED, Infotext, Settings, read_infotext, split_infotext
+from sd.settings import COMMAND_DEFAULTS, MAX_CLIP_SKIP, MAX_SEED, RANDOM_SEEDS, Infotext, Settings, read_infotext, split_infotext
 
 SLUG_LENGTH = 60
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a command stopped by Ctrl+C
@@ -258,11 +258,15 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         # refuses a mask that cannot work; at the input's own size where none is given (generate checks it again)
         read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
     random_seed = settings.seed is None
-    seed = random.randrange(MAX_SEED + 1) if random_seed else settings.seed
+    seed = random.randrange(RANDOM_SEEDS) if random_seed else settings.seed
+    count = len(prompts) * num_images
+    if not axes and seed + count - 1 > MAX_SEED:
+        raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
+                      f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
     if axes:
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
-        batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(len(prompts) * num_images)]
+        batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(count)]
     if ray_address is None:  # Ray's workers plan their own
         vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))

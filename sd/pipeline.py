@@ -29,7 +29,7 @@ from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompts.editing import Timeline
 from .prompts.conditioning import ContextSchedule, guidance_contexts
 from .sampling.samplers import KnownRegion, sample, total_steps
-from .settings import DEFAULT_MASK_BLUR, MAX_SEED, Settings
+from .settings import DEFAULT_MASK_BLUR, RANDOM_SEEDS, Settings
 
 log = logging.getLogger("sd")
 
@@ -160,7 +160,7 @@ def generate(
     image = to_tensor(original) if original is not None else None
     seed = settings.seed
     if seed is None:
-        seed = random.randrange(MAX_SEED + 1)
+        seed = random.randrange(RANDOM_SEEDS)
         log.info("seed: %d", seed)
     # Noise is drawn on the CPU, so a seed gives the same picture on every device.
     generator = torch.Generator().manual_seed(seed)

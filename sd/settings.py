@@ -33,7 +33,8 @@ from .prompts.conditioning import EMPHASIS_MODES, parse_prompt
 from .sampling.samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .sampling.schedule import SD15, check_steps
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # torch.Generator's largest; AUTOMATIC1111 takes any seed too (a batch's last is seed + n - 1)
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as AUTOMATIC1111 draws its own: short enough to type
 # what `sd generate` renders with unless told otherwise: AUTOMATIC1111's DPM++ 2M Karras in 20 steps (the library's
 # generate() keeps DDPM in 50, the reference the parity tests compare with)
 COMMAND_DEFAULTS = {"sampler": "dpmpp_2m", "karras": True, "steps": 20}
@@ -293,14 +294,12 @@ def read_infotext(text: str, leave_out: Collection[str] = ()) -> Infotext:
 
 
 def whole_number(name: str, value: str) -> int:
-    """An integer, also as stable-diffusion.cpp writes some: 20.000000."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if number is None or not number.is_integer():
+    """An integer, also as stable-diffusion.cpp writes some: 20.000000; read exactly (not through a float, which
+    rounds seeds beyond 2**53)."""
+    match = re.fullmatch(r"\s*([+-]?\d+)(?:\.0*)?\s*", value)
+    if match is None:
         raise SDError(f"{name}: {value!r} in the image's settings is not a whole number")
-    return int(number)
+    return int(match[1])
 
 
 def decimal(name: str, value: str) -> float:

@@ -101,6 +101,9 @@ def assert_clean_failure(result, expected: str):
         (["--prompt", "x", "--sampler", "pndm", "--karras"], "error: karras sigmas need a sampler that walks noise levels"),
         (["--prompt", "x", "--sampler", "euler", "--eta", "0.3"], "error: eta applies to the ddim sampler only"),
         (["--prompt", "x", "--seed", "-2"], "'--seed': -2 is not in the range"),
+        (["--prompt", "x", "--seed", "18446744073709551615", "--num-images", "2"],
+         "error: --seed 18446744073709551615 for 2 images needs seeds up to 18446744073709551616, beyond the largest "
+         "(18446744073709551615): give one of at most 18446744073709551614"),
         (["--prompt", "x", "--output", "a.png", "--outdir", "b"], "give --output FILE or --outdir DIR, not both"),
         (["--prompt", "x", "--output", "a.jpg"], "a.jpg must end in .png"),
         (["--prompt", "x", "--input", "prompts.txt"], "error: --input prompts.txt is not an image"),
@@ -307,6 +310,15 @@ def test_seed_minus_one_is_a_random_seed_written_to_the_image():
         seeds.append(int(result.stderr.split("seed: ", 1)[1].split()[0]))
         assert read_parameters(Path(name))["Seed"] == str(seeds[-1])
     assert seeds[0] != seeds[1]  # two draws from 2**32 seeds
+
+
+def test_a_batch_counts_its_seeds_past_two_to_the_32():
+    """AUTOMATIC1111's seeds are any integer and a batch's are seed + i: 2**32 - 1 then 2**32, two other pictures."""
+    result = sd("--prompt", "a red circle on the left", "--seed", 2**32 - 1, "--num-images", 2, "--steps", 2,
+                "--checkpoint", "demo", "--output", "seed.png")
+    assert result.exit_code == 0, result.output
+    assert [read_parameters(Path(f"seed-{number}.png"))["Seed"] for number in (1, 2)] == ["4294967295", "4294967296"]
+    assert not np.array_equal(pixels(Path("seed-1.png")), pixels(Path("seed-2.png")))
 
 
 def test_model_hash_is_cached_until_the_file_changes(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ EVERY_FIELD = [
              inpainted=True, model_hash="6ce0161689", model="v1-5, pruned: emaonly"),
     Settings("x", sampler="ddim", eta=0.3, steps=7, cfg_scale=12.25, seed=0, width=64, height=64),
     Settings("", sampler="euler_a", cfg_scale=1.0, seed=4294967295, width=64, height=128, mask_blur=0),
+    Settings("z", seed=2**64 - 1, width=64, height=64),  # the largest seed torch takes (A1111's batches pass 2**32 - 1)
     Settings("a red circle on the left"),  # no seed, no size: those fields are left out
     *[Settings("y", sampler=name, karras=karras, seed=5, width=96, height=64)
       for name, karras in [("ddpm", False), ("pndm", False), ("lms", True), ("euler", False), ("heun", True), ("unipc", False)]],
@@ -119,7 +120,8 @@ def test_the_fields_of_settings_set_elsewhere_are_not_read():
 
 @pytest.mark.parametrize(
     "settings, message",
-    [(dict(seed=-1), "seed must be between 0 and 4294967295, got -1"), (dict(mask_blur=-2), "mask blur must be 0 or more"),
+    [(dict(seed=-1), "seed must be between 0 and 18446744073709551615, got -1"), (dict(mask_blur=-2), "mask blur must be 0 or more"),
+     (dict(seed=2**64), "seed must be between 0 and 18446744073709551615, got 18446744073709551616"),
      (dict(sampler="ddpm", karras=True), "karras sigmas need a sampler that walks noise levels")],
 )
 def test_settings_are_checked_when_made(settings, message):
