@@ -33,7 +33,7 @@ from .prompts.conditioning import EMPHASIS_MODES, parse_prompt
 from .sampling.samplers import SAMPLERS, check_options, display_name, karras_by_default
 from .sampling.schedule import SD15, check_steps
 
-MAX_SEED = 2**64 - 1  # torch.Generator's largest; AUTOMATIC1111 takes any seed too (a batch's last is seed + n - 1)
+MAX_SEED = 2**64 - 1  # torch.Generator's largest seed; AUTOMATIC1111 takes any integer (a batch: seed + i)
 RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as AUTOMATIC1111 draws its own: short enough to type
 # what `sd generate` renders with unless told otherwise: AUTOMATIC1111's DPM++ 2M Karras in 20 steps (the library's
 # generate() keeps DDPM in 50, the reference the parity tests compare with)
