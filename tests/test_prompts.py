@@ -216,7 +216,7 @@ def test_generate_reads_long_weighted_prompts(demo):
 
 
 def test_clip_skip_beyond_the_text_encoders_layers_is_refused(demo):
-    with pytest.raises(SDError, match="clip skip must be between 1 and 2"):
+    with pytest.raises(SDError, match="^clip skip must be between 1 and 2, the text encoder.s layers, got 3: give at most 2 with this checkpoint$"):
         encode_prompt(demo, "a red circle", clip_skip=3)
 
 

@@ -64,7 +64,8 @@ class CLIP(nn.Module):
         the same (AUTOMATIC1111's "Clip skip": what some SD 1.5 fine-tunes were trained on). `token_vectors`
         (B, 77, 768): read instead of the tokens' embeddings (textual inversion puts its vectors among them)."""
         if not 1 <= clip_skip <= len(self.layers):
-            raise SDError(f"clip skip must be between 1 and {len(self.layers)}, the text encoder's layers, got {clip_skip}")
+            raise SDError(f"clip skip must be between 1 and {len(self.layers)}, the text encoder's layers, got {clip_skip}: "
+                          f"give at most {len(self.layers)} with this checkpoint")
         dtype = dtype or self.position_embedding.dtype
         x = token_vectors.to(dtype) if token_vectors is not None else self.embed(tokens, dtype)  # (B, 77) -> (B, 77, 768)
         x = x + self.position_embedding[: tokens.shape[1]].to(dtype)
