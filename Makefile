@@ -51,7 +51,7 @@ peer-envs: .venv-openvino/installed .venv-sdcpp/installed
 bench-peers: $(VENV)/test-tools peer-envs
 	$(BIN)/python benchmarks/benchmark.py --only peers --dtypes bf16 $(ARGS)
 
-# What issue 21 asks of a CPU not measured before, with nothing else running (about an hour on 2 cores): the peers in
+# What issue 21 asks of a CPU not measured before, with nothing else running (23 minutes on a 2-core Zen 5): the peers in
 # bf16 and fp32, the load's breakdown, torch.compile, each into benchmarks/results-<commit>-<part>-<CPU>.json with the
 # kernel choices timed afresh for it (their seconds in each file). A part that fails is named and the next one runs.
 BENCH_CPU_PARTS := "peers-bf16:--only peers --dtypes bf16" "peers-fp32:--only peers --dtypes fp32 --sdcpp-wtypes" \

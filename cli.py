@@ -259,13 +259,13 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         read_mask(mask, input_image.size, settings.width or input_image.width, settings.height or input_image.height)
     random_seed = settings.seed is None
     seed = random.randrange(RANDOM_SEEDS) if random_seed else settings.seed
-    count = len(prompts) * num_images
-    if not axes and seed + count - 1 > MAX_SEED:
-        raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
-                      f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
     if axes:
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
     else:  # image k of prompt j is number i = j * num_images + k, with seed + i
+        count = len(prompts) * num_images
+        if seed + count - 1 > MAX_SEED:
+            raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
+                          f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
         batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(count)]
     if ray_address is None:  # Ray's workers plan their own
         vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
