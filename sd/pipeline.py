@@ -20,7 +20,7 @@ from .prompts.embeddings import Embedding
 from .errors import SDError
 from .hires import UPSCALERS, LatentUpscaler, PixelUpscaler, Target, hires_schedule, hires_target, upscale_latents, upscale_pixels
 from .inpaint import INPAINTING_CHANNELS, check_mask_has_image, conditioning_mask, masked_image, paste_back, read_mask, repaint_cells
-from .files.lora import LoraLibrary, prompt_loras, warn_of_other_networks
+from .files.lora import LoraFile, LoraLibrary, LoraTag, prompt_loras, warn_of_other_networks
 from .files.lora_merge import merged, plan_changes
 from .memory import Render, kept_loaded, on_device, out_of_memory_as_error, plan_vae_tiling
 from .files import DATA_DIR, DEMO_CHECKPOINT
@@ -124,7 +124,77 @@ def generate(
         raise SDError("a VAE file is loaded with the models: give it to load_models (or swap_vae), not with models to generate")
     device = pick_device(device)
     dtype = weights_dtype(dtype, device)
-    # the images and the mask are read and checked before the models load, so a mistake costs no waiting
+    inputs = read_inputs(settings, input_image, mask, control_images, controlnet_models, loras, models, checkpoint)
+    # the weights' dtype: the loaded models', or the one they will be loaded in
+    stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
+    render = Render(*inputs.largest_size, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device), len(settings.controlnets))
+    tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
+    if models is None:
+        models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
+    stages = Stages(models, device, idle_device, compute_dtype(stored, device), vae_dtype(stored, device), tiled)
+    lora_changes = plan_changes(models, inputs.lora_files)  # every module checked before anything runs
+    if settings.controlnets and controlnet_models is None:
+        controlnet_models = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
+    check_controlnets_fit(controlnet_models or (), models["diffusion"])
+    control = RenderControl(settings.controlnets, controlnet_models or (), inputs.control_sources, stages)
+    start = starting_point(settings, inputs, num_images, is_inpainting_model(models["diffusion"]), latents)
+    # Noise is drawn on the CPU, so a seed gives the same picture on every device.
+    generator = torch.Generator().manual_seed(start.seed)
+
+    with torch.inference_mode(), out_of_memory_as_error(*inputs.largest_size):
+        guided = settings.cfg_scale != 1.0
+        with stages.on_device("clip"), merged(lora_changes["clip"]):
+            # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts/conditioning.py)
+            contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), stages.dtype, embeddings)
+
+        with stages.on_device("encoder") if start.needs_encoder else nullcontext() as encoder:
+            image_latents = encode_image(stages, encoder, start.image, generator, start.latent_shape) if start.needs_image_latents else None
+            # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
+            noise = (latents if latents is not None else torch.randn(start.latent_shape, generator=generator)).float().to(device)
+            # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
+            conditioning = (inpainting_conditioning(stages, encoder, start.image, start.repaint, generator, start.latent_shape)
+                            if start.inpainting_model else None)
+        known = KnownRegion(image_latents, repaint_cells(start.repaint, start.latent_shape[2:]).to(device)) if start.keeps_unmasked else None
+
+        calls = total_steps(settings.sampler, settings.steps)
+        with unet_with_loras(stages, lora_changes["diffusion"]):
+            with stages.on_device("diffusion") as unet, control.guiding(inputs.width, inputs.height, calls) as guides:
+                predict_noise = noise_predictor(unet, contexts[0], conditioning, settings.cfg_scale, stages.dtype, guides)
+                start_latents = None if start.pure_noise else image_latents
+                x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, start.strength, progress,
+                           karras=settings.karras, eta=settings.eta, known=known)
+            if inputs.hires is not None:
+                x = hires_pass(stages, x, settings, inputs.hires, start.seed, contexts[1], progress, control)
+
+        with stages.on_device("decoder") as decoder:
+            # (B, 4, h, w) -> (B, 3, H, W)
+            pixels = decoder(x.to(stages.vae_dtype), tiled=tiled).float()
+
+    return finished_images(pixels, settings, inputs, start, used)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a render is given besides its settings, read and checked before any model loads (so that a mistake costs
+    no waiting): the output size, the input image, the mask, the control images and the prompt's LoRA files."""
+
+    width: int
+    height: int
+    hires: Target | None  # hires fix's size, where asked
+    source: Image.Image | None  # image-to-image's input, as read
+    repaint: torch.Tensor | None  # inpainting's mask at width x height (1, 1, H, W): 1 where to repaint
+    control_sources: list[Image.Image]  # one per ControlNet of the settings
+    lora_files: list[tuple[LoraTag, LoraFile]]  # the prompt's <lora:...> tags and the files they name
+
+    @property
+    def largest_size(self) -> tuple[int, int]:
+        """The largest width and height the render reaches: hires fix's where asked."""
+        return (self.hires.width, self.hires.height) if self.hires is not None else (self.width, self.height)
+
+
+def read_inputs(settings: Settings, input_image, mask, control_images: Sequence, controlnet_models: Sequence[ControlNet] | None,
+                loras: LoraLibrary | None, models: dict | None, checkpoint: str | Path | None) -> Inputs:
+    """generate()'s images read and checked, and its size found (from the checkpoint's header where not given)."""
     source = read_image(input_image, "input image") if input_image is not None else None
     check_control(settings.controlnets, len(control_images), controlnet_models)
     control_sources = [read_image(image, "control image") for image in control_images]
@@ -137,83 +207,74 @@ def generate(
     repaint = read_mask(read_image(mask, "mask"), source.size, width, height) if mask is not None else None
     if repaint is not None and repaint.all():
         log.warning("the mask is all white, so the whole image is repainted: this is plain image-to-image")
-    # the weights' dtype: the loaded models', or the one they will be loaded in
-    stored = next(models["diffusion"].parameters()).dtype if models is not None else dtype
-    # the largest size the render reaches: hires fix's
-    final_width, final_height = (hires.width, hires.height) if hires is not None else (width, height)
-    render = Render(final_width, final_height, num_images, settings.cfg_scale != 1.0, compute_dtype(stored, device), len(settings.controlnets))
-    tiled = plan_vae_tiling(render, device, None if models is not None else stored, vae_tiling)
-    if models is None:
-        models = cached_models(find_checkpoint(checkpoint), device, stored, vae)
-    stages = Stages(models, device, idle_device, compute_dtype(stored, device), vae_dtype(stored, device), tiled)
-    lora_changes = plan_changes(models, lora_files)  # every module checked before anything runs
-    inpainting_model = is_inpainting_model(models["diffusion"])
-    controlnets = controlnet_models
-    if settings.controlnets and controlnets is None:
-        controlnets = cached_controlnets([unit.model for unit in settings.controlnets], device, stored)
-    check_controlnets_fit(controlnets or (), models["diffusion"])
-    control = RenderControl(settings.controlnets, controlnets or (), control_sources, stages)
+    return Inputs(width, height, hires, source, repaint, control_sources, lora_files)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the first sampling pass starts: from `seed`, at `strength`, from the input image fitted to the output size
+    (`original`, and as `image` (1, 3, H, W) in [-1, 1]), repainting where `repaint` is 1, with an inpainting checkpoint
+    or not; latents of `latent_shape` (B, 4, h, w)."""
+
+    seed: int
+    strength: float
+    original: Image.Image | None
+    image: torch.Tensor | None
+    repaint: torch.Tensor | None
+    inpainting_model: bool
+    latent_shape: tuple[int, int, int, int]
+
+    @property
+    def pure_noise(self) -> bool:
+        """Inpainting at full strength starts from pure noise, as diffusers' inpainting pipeline does (image-to-image
+        keeps a trace of the image): an inpainting checkpoint then needs no latents of the whole image."""
+        return self.repaint is not None and self.strength == 1.0
+
+    @property
+    def keeps_unmasked(self) -> bool:
+        """Whether sampling itself keeps the image outside the mask: an ordinary checkpoint's inpainting."""
+        return self.repaint is not None and not self.inpainting_model
+
+    @property
+    def needs_image_latents(self) -> bool:
+        """The start of image-to-image, or what an ordinary checkpoint must keep outside the mask."""
+        return self.image is not None and (self.keeps_unmasked or not self.pure_noise)
+
+    @property
+    def needs_encoder(self) -> bool:
+        return self.needs_image_latents or self.inpainting_model
+
+
+def starting_point(settings: Settings, inputs: Inputs, num_images: int, inpainting_model: bool, latents: torch.Tensor | None) -> Start:
+    """The Start of `settings` with `inputs`: its seed drawn where not given, its strength by default 0.8, or 1.0 where an
+    inpainting checkpoint repaints a mask. Refuses `latents` of another shape than the render's."""
     strength = settings.strength
     if strength is None:
-        strength = 1.0 if inpainting_model and repaint is not None else 0.8
-    original = fit_image(source, width, height) if source is not None else None
-    image = to_tensor(original) if original is not None else None
+        strength = 1.0 if inpainting_model and inputs.repaint is not None else 0.8
+    original = fit_image(inputs.source, inputs.width, inputs.height) if inputs.source is not None else None
     seed = settings.seed
     if seed is None:
         seed = random.randrange(RANDOM_SEEDS)
         log.info("seed: %d", seed)
-    # Noise is drawn on the CPU, so a seed gives the same picture on every device.
-    generator = torch.Generator().manual_seed(seed)
-    latent_size = (height // LATENT_FACTOR, width // LATENT_FACTOR)
-    latent_shape = (num_images, 4, *latent_size)
+    latent_shape = (num_images, 4, inputs.height // LATENT_FACTOR, inputs.width // LATENT_FACTOR)
     if latents is not None and tuple(latents.shape) != latent_shape:
-        raise SDError(f"latents have shape {tuple(latents.shape)} but {num_images} images of {width}x{height} need {latent_shape}")
-    # Inpainting at full strength starts from pure noise, as diffusers' inpainting pipeline does (image-to-image
-    # keeps a trace of the image): an inpainting checkpoint then needs no latents of the whole image.
-    pure_noise_start = repaint is not None and strength == 1.0
-    known_region = repaint is not None and not inpainting_model
-    # the start of image-to-image, or what an ordinary checkpoint must keep outside the mask
-    needs_image_latents = image is not None and (known_region or not pure_noise_start)
+        raise SDError(f"latents have shape {tuple(latents.shape)} but {num_images} images of {inputs.width}x{inputs.height} need {latent_shape}")
+    image = to_tensor(original) if original is not None else None
+    return Start(seed, strength, original, image, inputs.repaint, inpainting_model, latent_shape)
 
-    with torch.inference_mode(), out_of_memory_as_error(final_width, final_height):
-        cfg_scale = settings.cfg_scale
-        guided = cfg_scale != 1.0
-        with stages.on_device("clip"), merged(lora_changes["clip"]):
-            # per step, (2B or B, 77k, 768): the prompts in chunks of 77 tokens, the shorter padded (sd/prompts/conditioning.py)
-            contexts, used = guidance_contexts(models, settings, num_images, guided, pass_timelines(settings), stages.dtype, embeddings)
 
-        needs_encoder = needs_image_latents or inpainting_model
-        with stages.on_device("encoder") if needs_encoder else nullcontext() as encoder:
-            image_latents = encode_image(stages, encoder, image, generator, latent_shape) if needs_image_latents else None
-            # drawn after the encoder's noise, in the order of diffusers' img2img pipeline, so a seed gives its image
-            noise = (latents if latents is not None else torch.randn(latent_shape, generator=generator)).float().to(device)
-            # and the masked image's encoder noise last, as in diffusers' inpainting pipeline
-            conditioning = inpainting_conditioning(stages, encoder, image, repaint, generator, latent_shape) if inpainting_model else None
-        known = KnownRegion(image_latents, repaint_cells(repaint, latent_size).to(device)) if known_region else None
-
-        calls = total_steps(settings.sampler, settings.steps)
-        with unet_with_loras(stages, lora_changes["diffusion"]):
-            with stages.on_device("diffusion") as unet, control.guiding(width, height, calls) as guides:
-                predict_noise = noise_predictor(unet, contexts[0], conditioning, cfg_scale, stages.dtype, guides)
-                start_latents = None if pure_noise_start else image_latents
-                x = sample(settings.sampler, predict_noise, noise, settings.steps, generator, start_latents, strength, progress,
-                           karras=settings.karras, eta=settings.eta, known=known)
-            if hires is not None:
-                x = hires_pass(stages, x, settings, hires, seed, contexts[1], progress, control)
-
-        with stages.on_device("decoder") as decoder:
-            # (B, 4, h, w) -> (B, 3, H, W)
-            pixels = decoder(x.to(stages.vae_dtype), tiled=tiled).float()
-
+def finished_images(pixels: torch.Tensor, settings: Settings, inputs: Inputs, start: Start, embeddings_used: Mapping[str, Embedding]) -> list[Image.Image]:
+    """The decoded pixels (B, 3, H, W) as images, the original pasted back outside an ordinary checkpoint's mask, each
+    with the Settings that made it in its info["sd"]."""
     images = [to_pil(p) for p in pixels]
     mask_blur = DEFAULT_MASK_BLUR if settings.mask_blur is None else settings.mask_blur
-    if known is not None:
-        images = [paste_back(generated, original, repaint, mask_blur) for generated in images]
-    made = replace(settings, seed=seed, width=width, height=height, strength=strength if image is not None else None,
-                   inpainted=repaint is not None, mask_blur=mask_blur if known is not None else None,
-                   ti_hashes={name: embedding.short_hash for name, embedding in used.items()},
+    if start.keeps_unmasked:
+        images = [paste_back(generated, start.original, start.repaint, mask_blur) for generated in images]
+    made = replace(settings, seed=start.seed, width=inputs.width, height=inputs.height, strength=start.strength if start.image is not None else None,
+                   inpainted=start.repaint is not None, mask_blur=mask_blur if start.keeps_unmasked else None,
+                   ti_hashes={name: embedding.short_hash for name, embedding in embeddings_used.items()},
                    controlnets=tuple(recorded_unit(unit) for unit in settings.controlnets),
-                   lora_hashes={tag.name: lora.short_hash for tag, lora in lora_files})
+                   lora_hashes={tag.name: lora.short_hash for tag, lora in inputs.lora_files})
     for output in images:
         output.info["sd"] = made
     return images
