@@ -261,12 +261,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     seed = random.randrange(RANDOM_SEEDS) if random_seed else settings.seed
     if axes:
         batch = plot_settings(replace(settings, prompt=prompts[0], seed=seed), axes, keep_karras="karras" in given(options))
-    else:  # image k of prompt j is number i = j * num_images + k, with seed + i
-        count = len(prompts) * num_images
-        if seed + count - 1 > MAX_SEED:
-            raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
-                          f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
-        batch = [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(count)]
+    else:
+        batch = batch_settings(settings, prompts, seed, num_images)
     if ray_address is None:  # Ray's workers plan their own
         vae_tiling = plan_memory(batch, checkpoint, device, dtype, vae_tiling)
     planned = plan(batch, output, outdir or Path("outputs"))
@@ -274,12 +270,8 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
     jobs = planned if overwrite else skip_existing(planned, stop=output is not None)
     if not jobs:
         return
-    if image is not None and image.settings.model_hash is not None:
-        warn_of_another_model(from_image, image.settings, checkpoint)
     if image is not None:
-        warn_of_other_embeddings(from_image, image.settings, embeddings)
-        warn_of_another_vae(from_image, image.settings, vae)
-        warn_of_other_loras(from_image, image.settings, loras)
+        warn_of_other_files(from_image, image.settings, checkpoint, embeddings, vae, loras)
     for text in dict.fromkeys(settings.prompt for settings in batch):
         prompt_loras(text, loras)  # a LoRA missing or unreadable is refused before the models load
     inputs = dict(input_image=input_image, mask=mask, vae_tiling=vae_tiling, embeddings=embeddings, control_images=control_pictures,
@@ -291,17 +283,42 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
                                 **ray_options, **inputs)
     if random_seed:
         click.echo(f"seed: {seed}", err=True)
+    # a stopped batch is resumed by the same command with the same seed (--outdir skips the images it finds)
+    report_saved(rendered, len(jobs), f"; run the same command with --seed {seed} to make the rest" if output is None else "")
+    if axes or grid:
+        click.echo(f"saved {save_grid(planned, axes)}")
+
+
+def batch_settings(settings: Settings, prompts: list[str], seed: int, num_images: int) -> list[Settings]:
+    """The batch's images: image k of prompt j is number i = j * num_images + k, with seed + i. Refuses a batch whose
+    seeds would pass MAX_SEED, naming the largest first seed that fits."""
+    count = len(prompts) * num_images
+    if seed + count - 1 > MAX_SEED:
+        raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
+                      f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
+    return [replace(settings, prompt=prompts[index // num_images], seed=seed + index) for index in range(count)]
+
+
+def warn_of_other_files(from_image: Path, stored: Settings, checkpoint: Path, embeddings, vae: Path | None, loras: LoraLibrary) -> None:
+    """Warns where the files --from's image was made with (its checkpoint, embeddings, VAE, LoRAs) differ from these."""
+    if stored.model_hash is not None:
+        warn_of_another_model(from_image, stored, checkpoint)
+    warn_of_other_embeddings(from_image, stored, embeddings)
+    warn_of_another_vae(from_image, stored, vae)
+    warn_of_other_loras(from_image, stored, loras)
+
+
+def report_saved(rendered, planned: int, resume: str) -> None:
+    """Names each image as it is saved; on Ctrl-C, how many of the `planned` were saved, then `resume`, and exits with
+    INTERRUPTED_EXIT_CODE (the images saved are kept)."""
     saved = 0
     try:
         for path in rendered:
             saved += 1
             click.echo(f"saved {path}")
     except KeyboardInterrupt:
-        resume = f"; run the same command with --seed {seed} to make the rest" if output is None else ""
-        click.echo(f"\ninterrupted: {saved} of {len(jobs)} images saved{resume}", err=True)
+        click.echo(f"\ninterrupted: {saved} of {planned} images saved{resume}", err=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
-    if axes or grid:
-        click.echo(f"saved {save_grid(planned, axes)}")
 
 
 @main.command("info")
