@@ -19,7 +19,7 @@ from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNet
 from sd.batch import Job, save_png
 from sd.cluster import render_batch
 from sd.prompts.embeddings import Embedding, infotext_name, load_embeddings
-from sd.errors import SDError
+from sd.errors import SDError, counted
 from sd.grid import contact_sheet, labelled_grid
 from sd.hires import DEFAULT_UPSCALER, UPSCALERS, hires_target
 from sd.inpaint import check_mask_has_image, read_mask
@@ -373,7 +373,8 @@ def render(jobs: list[Job], inputs: dict, checkpoint: Path, vae: Path | None, de
         made = replace(image.info["sd"], **files)
         save_png(image, job.path, made.to_infotext())
         yield job.path
-    click.echo(f"sampled {len(jobs)} images in {sampling:.1f} s ({sampling / len(jobs):.1f} s each)", err=True)
+    each = f" ({sampling / len(jobs):.1f} s each)" if len(jobs) > 1 else ""
+    click.echo(f"sampled {counted(len(jobs), 'image')} in {sampling:.1f} s{each}", err=True)
 
 
 # the options that are settings, by their names in generate_command -> in Settings where they differ

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .files import hashes
 from .batch import Job, save_png
-from .errors import SDError
+from .errors import SDError, counted
 from .pipeline import DEMO_CHECKPOINT, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
 from .precision import weights_dtype
 from .settings import Settings
@@ -200,9 +200,9 @@ def worker_count(resources: dict, workers: int | None, cpus: float, gpus: float)
     if workers is None:
         workers = room
     if not 1 <= workers <= room:
-        have = " and ".join(f"{resources.get(name, 0):g} {name}s" for name in needs)
-        each = " and ".join(f"{need:g} {name}s" for name, need in needs.items())
-        raise SDError(f"the Ray cluster has {have}: room for {room} workers of {each} each, not {workers}; "
+        have = " and ".join(counted(resources.get(name, 0), name) for name in needs)
+        each = " and ".join(counted(need, name) for name, need in needs.items())
+        raise SDError(f"the Ray cluster has {have}: room for {counted(room, 'worker')} of {each} each, not {workers}; "
                       "give fewer --workers, fewer --cpus-per-worker or --gpus-per-worker, or add machines")
     return workers
 

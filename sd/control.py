@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import SDError
+from .errors import SDError, counted
 from .files.hashes import old_hash
 from .files.loader import load_controlnet, read_controlnet
 from .memory import kept_loaded, on_device
@@ -122,7 +122,7 @@ def check_control(units: Sequence[ControlNetUnit], images: int, controlnets: Seq
     """The checks that need no model: one control image for each ControlNet, and each ControlNet's file an SD 1.5
     ControlNet (its header alone is read)."""
     if images != len(units):
-        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {len(units)} ControlNets and {images} images")
+        raise SDError(f"each ControlNet needs a control image, and each control image a ControlNet: got {counted(len(units), 'ControlNet')} and {counted(images, 'image')}")
     if controlnets is not None and len(controlnets) != len(units):
         raise SDError(f"{len(controlnets)} loaded ControlNets given for {len(units)} ControlNet settings: give one for each")
     if controlnets is None:

@@ -10,6 +10,11 @@ class SDError(Exception):
     exit_code = 2  # as click's usage errors
 
 
+def counted(number: float, noun: str) -> str:
+    """`number` `noun`s, in words fit for a message: "1 image", "2 images", "0.5 GPUs"."""
+    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
+
+
 class NoSettingsError(SDError):
     """An image that carries no settings at all (as opposed to settings sd cannot read)."""
 

@@ -8,6 +8,7 @@ checkpoint loaded).
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,6 +194,7 @@ def test_generate_writes_a_png_with_its_settings(safetensors_checkpoint, checkpo
     result = sd(*args, "--output", "cat.png")
     assert result.exit_code == 0, result.output
     assert "saved cat.png" in result.stdout
+    assert re.search(r"^sampled 1 image in \d+\.\d s$", result.stderr, re.M), result.stderr
     assert Image.open("cat.png").size == (64, 64)
     assert read_parameters(Path("cat.png")) == {
         "prompt": "a photo of a cat", "negative": "blurry", "Steps": "2", "Sampler": "DDPM", "CFG scale": "7.5",
@@ -223,6 +225,7 @@ def test_image_to_image_with_a_random_seed(safetensors_checkpoint, tmp_path):
                 "--sampler", "dpmpp_2m", "--karras", "--output", "painting.png", "--checkpoint", safetensors_checkpoint, *SMALL)
     assert result.exit_code == 0, result.output
     seed = int(result.stderr.split("seed: ", 1)[1].split()[0])
+    assert re.search(r"^sampled 2 images in \d+\.\d s \(\d+\.\d s each\)$", result.stderr, re.M), result.stderr
     assert sorted(p.name for p in tmp_path.glob("painting*")) == ["painting-1.png", "painting-2.png"]
     for number in (1, 2):
         fields = read_parameters(Path(f"painting-{number}.png"))

@@ -209,6 +209,14 @@ def test_hires_fix_is_guided_in_both_passes(demo, small_controlnet, small_loaded
     assert np.abs(controlled - render(demo, **hires)).max() > 20
 
 
+def test_a_controlnet_without_its_control_image_is_refused_before_the_render(demo, small_controlnet):
+    unit = ControlNetUnit(str(small_controlnet))
+    with pytest.raises(SDError, match="^each ControlNet needs a control image, and each control image a ControlNet: got 1 ControlNet and 0 images$"):
+        generate("red circle", models=demo, controlnets=[unit], **SMALL)
+    with pytest.raises(SDError, match="^each ControlNet needs a control image, and each control image a ControlNet: got 2 ControlNets and 1 image$"):
+        generate("red circle", models=demo, controlnets=[unit, unit], control_images=[drawn_map()], **SMALL)
+
+
 def test_generate_loads_the_controlnet_and_records_it(demo, small_controlnet):
     from sd.files.hashes import old_hash
 

@@ -182,7 +182,7 @@ def test_a_checkpoint_the_workers_cannot_load_stops_the_batch_in_one_line(ray_cl
 @pytest.mark.parametrize("args, expected", [
     (["--ray", "--workers", 0], "error: Invalid value for '--workers': 0 is not in the range x>=1"),
     (["--workers", 2], "error: --workers is an option of --ray: add --ray"),
-    (["--ray", "--workers", 3], "error: the Ray cluster has 2 CPUs and 0 GPUs: room for 2 workers of 1 CPUs and 0 GPUs each, not 3"),
+    (["--ray", "--workers", 3], "error: the Ray cluster has 2 CPUs and 0 GPUs: room for 2 workers of 1 CPU and 0 GPUs each, not 3"),
 ])
 def test_bad_ray_options_are_refused(ray_cluster, args, expected):
     assert_one_line_error(sd(*BATCH, *args), expected)

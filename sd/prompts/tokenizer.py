@@ -6,6 +6,7 @@ from functools import lru_cache
 import torch
 
 from ..files import DATA_DIR
+from ..errors import counted
 
 CONTEXT_LENGTH = 77  # the text encoder has 77 position embeddings
 BOS_ID = 49406  # <|startoftext|>
@@ -39,7 +40,7 @@ def fit_to_context(prompt: str, ids: list[int]) -> list[int]:
         dropped = len(ids) - CONTEXT_LENGTH
         warnings.warn(
             f"prompt has {len(ids) - 2} tokens but CLIP reads at most {CONTEXT_LENGTH - 2}: "
-            f"the last {dropped} tokens are ignored ({prompt[:40]!r}...)",
+            f"the last {counted(dropped, 'token')} {'is' if dropped == 1 else 'are'} ignored ({prompt[:40]!r}...)",
             stacklevel=3,
         )
         ids = ids[: CONTEXT_LENGTH - 1] + [EOS_ID]
