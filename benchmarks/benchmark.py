@@ -91,7 +91,6 @@ SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
 )
-STAGES = ("clip", "unet_step", "vae_decode", "vae_encode")
 CPU = torch.device("cpu")
 
 

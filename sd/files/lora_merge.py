@@ -48,7 +48,6 @@ FUSED = {"clip": (r"\.in_proj$", ".{}_proj"), "diffusion": (r"\.in_proj$", ".to_
 BLOCK_KINDS = {ResidualBlock: "resnets", SpatialTransformer: "attentions", Downsample: "downsamplers", Upsample: "upsamplers"}
 # a model's width where SD 1.5's text is 768 wide
 OTHER_TEXT_WIDTHS = {1024: "an SD 2.x LoRA", 1280: "an SDXL LoRA", 2048: "an SDXL LoRA"}
-TEXT_WIDTH = 768
 
 
 @dataclass(frozen=True, eq=False)
