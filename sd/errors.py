@@ -11,8 +11,9 @@ class SDError(Exception):
 
 
 def counted(number: float, noun: str) -> str:
-    """`number` `noun`s, in words fit for a message: "1 image", "2 images", "0.5 GPUs"."""
-    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
+    """`number` `noun`s, in words fit for a message: "1 image", "2 images", "0.5 GPUs", "2 CPUs" (of 2.0)."""
+    written = int(number) if float(number).is_integer() else number
+    return f"{written} {noun}" + ("" if number == 1 else "s")
 
 
 class NoSettingsError(SDError):

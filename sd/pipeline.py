@@ -242,6 +242,7 @@ class Start:
 
     @property
     def needs_encoder(self) -> bool:
+        """For the image's latents, or an inpainting checkpoint's conditioning (the masked image's latents)."""
         return self.needs_image_latents or self.inpainting_model
 
 
