@@ -49,12 +49,23 @@ class Group(click.Group):
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
         except click.UsageError as error:
-            help_option = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
-            click.echo(f"error: {error.format_message()}{help_option}", err=True)
-            ctx.exit(error.exit_code)
+            usage_error(ctx, error)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except (click.NoSuchOption, click.BadOptionUsage) as error:  # `sd --bogus`, before any command is invoked
+            usage_error(ctx, error)
+
+
+def usage_error(ctx: click.Context, error: click.UsageError):
+    help_option = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
+    click.echo(f"error: {error.format_message()}{help_option}", err=True)
+    ctx.exit(error.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sd", message="%(prog)s %(version)s")
 def main():
     """Stable Diffusion 1.5, from scratch in PyTorch."""
     forced_by_environment()  # a mistyped SD_KERNELS is one line before anything loads

@@ -141,6 +141,17 @@ def test_missing_checkpoint_says_where_to_get_and_put_it(tmp_path, monkeypatch):
     assert CHECKPOINT_HINT in result.output and "data/" in result.output and "SD_CHECKPOINT" in result.output
 
 
+def test_version_and_an_unknown_option_of_sd_itself():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(cli.main, ["--version"], prog_name="sd")
+    assert result.exit_code == 0 and result.output == f"sd {version('sd')}\n"
+    for args, expected in ((["--bogus"], "error: No such option '--bogus'. (see sd --help)"),
+                           (["generate", "--bogus"], "error: No such option '--bogus'. (see sd generate --help)")):
+        result = CliRunner().invoke(cli.main, args, prog_name="sd")
+        assert result.exit_code == 2 and result.output == expected + "\n", result.output
+
+
 def test_unavailable_device_is_refused():
     unavailable = [name for name, available in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not available]
     if not unavailable:
