@@ -13,7 +13,7 @@ DATA_FILES = ("vocab.json", "merges.txt", "sd-demo.safetensors")
 
 def test_the_wheel_carries_every_module_and_the_data(tmp_path):
     # the build the user's pip runs, on a copy of the checkout's sources (pip builds in the tree it is given), without
-    # fetching a build backend
+    # fetching a build backend (setuptools, a test tool: pyproject.toml)
     source = tmp_path / "source"
     shutil.copytree(ROOT / "sd", source / "sd", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "cli.py", *(f"data/{name}" for name in DATA_FILES)):
