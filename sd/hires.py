@@ -6,6 +6,7 @@ holds the parts that know nothing of the models: the upscalers, the target size 
 sd/pipeline.py runs the second pass.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +111,12 @@ def check_side(name: str, side: int) -> None:
 
 
 def nearest_scale(width: int, height: int, scale: float) -> float | None:
-    """The scale nearest `scale`, with at most 3 decimals, that makes width x height a valid size (None if none
-    up to twice the size asked for does)."""
-    candidates = (round(side / width, 3) for side in range(MIN_SIZE, 2 * int(width * scale) + MIN_SIZE, LATENT_FACTOR))
-    fitting = [s for s in candidates if valid(int(width * s)) and valid(int(height * s))]
+    """The scale nearest `scale`, with at most 3 decimals, that makes width x height a valid size, and that enlarges
+    it where `scale` does (1 would make hires fix a second pass at the same size); None if none up to twice the size
+    asked for does."""
+    # rounded up, so that int(width * s) is the side again (rounded, 96 / 72 gave 1.333, which makes 95)
+    candidates = (math.ceil(side / width * 1000) / 1000 for side in range(MIN_SIZE, 2 * int(width * scale) + MIN_SIZE, LATENT_FACTOR))
+    fitting = [s for s in candidates if valid(int(width * s)) and valid(int(height * s)) and (s > 1 or scale <= 1)]
     return min(fitting, key=lambda s: abs(s - scale), default=None)
 
 

@@ -194,6 +194,8 @@ def test_stable_diffusion_cpps_hires_fields_are_read():
     [
         (dict(hires_scale=0), "hires scale must be more than 0, got 0: 2 doubles"),
         (dict(width=64, height=64, hires_scale=1.3), "hires scale 1.3 makes 64x64 into 83x83, and sizes must be multiples of 8 of at least 64: try hires scale 1.25"),
+        # for 72x64, 1 is nearer 1.25, but no upscale; 1.889 makes 136x120
+        (dict(width=72, height=64, hires_scale=1.25), "hires scale 1.25 makes 72x64 into 90x80, and sizes must be multiples of 8 of at least 64: try hires scale 1.889"),
         (dict(width=512, height=768, hires_width=1000), "hires width 1000 keeps the aspect ratio of 512x768 with a side of 1500, not a multiple of 8 of at least 64: try hires width 992"),
         (dict(hires_height=100), "hires height must be a multiple of 8 and at least 64, got 100: try 96"),
         (dict(hires_scale=2, hires_width=1024), "give a hires scale or a hires width and height, not both"),
