@@ -540,7 +540,9 @@ def read_lora_options(options: tuple[str, ...]) -> tuple[list[Path], str]:
         file, colon, multiplier = option.rpartition(":")
         try:
             path, number = (Path(file), float(multiplier)) if colon else (Path(option), 1.0)
-        except ValueError:  # the colon is the path's own
+        except ValueError:  # the colon is the path's own, or the multiplier no number
+            if Path(file).is_file() and not Path(option).exists():
+                raise SDError(f"--lora {option}: the multiplier {multiplier!r} is not a number: give {file}:0.8, say") from None
             path, number = Path(option), 1.0
         paths.append(path)
         tags += f" <lora:{path.stem}:{number:g}>"

@@ -9,6 +9,7 @@ merge adds the change to the fp32 weight in fp32, so they agree to fp32 rounding
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def test_other_networks_tags_are_cut_with_a_warning_and_bad_tags_refused(demo, c
         generate("a red circle <hypernet:anime:1>", models=demo, steps=1, seed=0, progress=False)
     assert caplog.text.count("ignored <hypernet:anime:1> in the prompt: sd has no hypernet networks") == 1
     for bad in ("<lora:film:strong>", "<lora:film:weight=1>"):
-        with pytest.raises(SDError, match="write <lora:NAME:MULTIPLIER>|must be numbers"):
+        with pytest.raises(SDError, match="write <lora:NAME:MULTIPLIER>|must be finite numbers"):
+            Settings(f"a cat {bad}")
+    for bad in ("<lora:film:nan>", "<lora:film:1:inf>", "<lora:film:te=-inf>"):
+        with pytest.raises(SDError, match=f"^{re.escape(bad)}: the multipliers must be finite numbers and dyn a whole number$"):
             Settings(f"a cat {bad}")
 
 
@@ -405,6 +409,8 @@ def test_the_command_takes_lora_files_and_tags_and_reads_them_back(command_envir
     Path("loras").mkdir()
     save_file(demo_lora(lora_sites(demo), seed=1), "loras/ink.safetensors")
     save_file(demo_lora(lora_sites(demo), seed=2), "film.safetensors")
+    wrong = sd("generate", "--prompt", "a red circle", "--lora", "film.safetensors:strong", "--checkpoint", "demo", "--output", "a.png")
+    assert wrong.exit_code == 2 and wrong.output == "error: --lora film.safetensors:strong: the multiplier 'strong' is not a number: give film.safetensors:0.8, say\n"
     made = sd("generate", "--prompt", "a red circle <lora:ink:0.5>", "--lora-dir", "loras", "--lora", "film.safetensors:0.7",
               "--checkpoint", "demo", "--steps", "1", "--seed", "1", "--output", "a.png")
     assert made.exit_code == 0, made.output

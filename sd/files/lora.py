@@ -26,6 +26,7 @@ torch.load(weights_only=True) and nothing more allowed.
 """
 
 import logging
+import math
 import pickle
 import re
 from collections import defaultdict
@@ -109,8 +110,10 @@ def read_tag(tag: str, arguments: list[str]) -> LoraTag:
         unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
         dyn = named.get("dyn", positional[3] if len(positional) > 3 else None)
         dyn = int(dyn) if dyn is not None else None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise ValueError("nan or inf")  # a black image, all its latents NaN
     except ValueError:
-        raise SDError(f"{tag}: the multipliers must be numbers and dyn a whole number") from None
+        raise SDError(f"{tag}: the multipliers must be finite numbers and dyn a whole number") from None
     return LoraTag(positional[0], te, unet, dyn)
 
 
