@@ -7,6 +7,7 @@ The control image is resized to the output size, its aspect ratio not kept (the 
 Lanczos as diffusers resizes it; a preprocessor then runs on the resized image.
 """
 
+import math
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
@@ -51,8 +52,8 @@ class ControlNetUnit:
     model_hash: str | None = None  # recorded with an image: A1111's short hash of the file (sd/files/hashes.py, old_hash)
 
     def __post_init__(self):
-        if self.strength < 0:
-            raise SDError(f"control strength must be 0 or more, got {self.strength:g}: 1 is usual, 0 turns the ControlNet off")
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise SDError(f"control strength must be a number of 0 or more, got {self.strength:g}: 1 is usual, 0 turns the ControlNet off")
         if not 0 <= self.start < self.end <= 1:
             raise SDError(f"control start and end are shares of the steps, 0 <= start < end <= 1, got {self.start:g} and {self.end:g}")
         if self.preprocess not in PREPROCESSORS:

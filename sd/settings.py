@@ -19,6 +19,7 @@ FIELD_READERS and INFOTEXT_NAMES.
 """
 
 import json
+import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -87,8 +88,8 @@ class Settings:
         object.__setattr__(self, "controlnets", tuple(self.controlnets))  # a list given is kept as a tuple
         if self.strength is not None and not 0 < self.strength <= 1:
             raise SDError(f"strength must be in (0, 1], got {self.strength}: 1 redraws the image completely, small values keep it")
-        if self.cfg_scale < 0:
-            raise SDError(f"cfg scale must be 0 or more, got {self.cfg_scale}: 7.5 is usual, 1 turns guidance off")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):  # nan or inf: an image of NaN, black
+            raise SDError(f"cfg scale must be a number of 0 or more, got {self.cfg_scale}: 7.5 is usual, 1 turns guidance off")
         if self.sampler not in SAMPLERS:
             raise SDError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         check_options(self.sampler, self.karras, self.eta)

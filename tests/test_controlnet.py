@@ -148,7 +148,8 @@ def test_infotext_has_the_extensions_shape_and_reads_back():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(strength=-0.1), "control strength must be 0 or more"),
+    (dict(strength=-0.1), "control strength must be a number of 0 or more, got -0.1"),
+    (dict(strength=float("nan")), "control strength must be a number of 0 or more, got nan"),
     (dict(start=0.6, end=0.4), "0 <= start < end <= 1"),
     (dict(preprocess="depth"), "unknown control preprocessor 'depth'"),
     (dict(canny_low=200, canny_high=100), "canny thresholds"),
@@ -266,7 +267,7 @@ def loading_fails(monkeypatch):
     (["--control-net", "{net}"], "each --control-net needs a --control-image"),
     (["--control-net", "{net}", "--control-image", "text.png"], "--control-image text.png is not an image"),
     (["--control-net", "{sdxl}", "--control-image", "map.png"], "is an SDXL ControlNet, not one for SD 1.5"),
-    (["--control-net", "{net}", "--control-image", "map.png", "--control-strength", "-1"], "control strength must be 0 or more"),
+    (["--control-net", "{net}", "--control-image", "map.png", "--control-strength", "-1"], "control strength must be a number of 0 or more"),
     (["--control-net", "{net}", "--control-image", "map.png", "--control-start", "0.7", "--control-end", "0.3"], "0 <= start < end <= 1"),
     (["--control-net", "missing.pth", "--control-image", "map.png"], "ControlNet not found: missing.pth"),
     (["--control-net", "{net}", "--control-image", "map.png", "--control-strength", "1", "--control-strength", "2"], "--control-strength given 2 times for 1"),

@@ -34,6 +34,10 @@ SCHEDULE_CASES = {
     "[a:b:0]": [(10, "b")],
     "[a:b:-3]": [(10, "b")],
     "[a:b:15]": [(10, "a")],
+    # numbers too large for a float read as infinity: past the end, or before the start (an OverflowError before)
+    "[a:b:1e999]": [(10, "a")],
+    "[a:b:1.5e999]": [(10, "a")],
+    "[a:b:-1e999]": [(10, "b")],
     # edits inside emphasis, and emphasis inside edits, keep the emphasis brackets for parse_prompt
     "([a:b:3]:1.2)": [(3, "(a:1.2)"), (10, "(b:1.2)")],
     "[(red:1.3):[blue]:7]": [(7, "(red:1.3)"), (10, "[blue]")],

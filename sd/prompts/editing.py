@@ -53,12 +53,13 @@ def parse_schedule(text: str) -> tuple | None:
 
 
 def edit_step(when: str, timeline: Timeline) -> int:
-    """The step at which an edit's `when` ends its `before`: a fraction of the steps if written with a point."""
+    """The step at which an edit's `when` ends its `before`: a fraction of the steps if written with a point. Held to
+    0..steps, as a step before or past the schedule changes nothing more (and 1e999 reads as infinity)."""
     if "." in when:
-        step = int((float(when) - timeline.fraction_offset) * timeline.steps)
+        step = (float(when) - timeline.fraction_offset) * timeline.steps
     else:
-        step = int(float(when) - timeline.step_offset)
-    return min(timeline.steps, step)
+        step = float(when) - timeline.step_offset
+    return int(min(timeline.steps, max(0.0, step)))
 
 
 def edit_boundaries(parts: tuple, timeline: Timeline):
