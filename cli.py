@@ -301,9 +301,12 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
 
 
 def batch_settings(settings: Settings, prompts: list[str], seed: int, num_images: int) -> list[Settings]:
-    """The batch's images: image k of prompt j is number i = j * num_images + k, with seed + i. Refuses a batch whose
-    seeds would pass MAX_SEED, naming the largest first seed that fits."""
+    """The batch's images: image k of prompt j is number i = j * num_images + k, with seed + i. Refuses a batch of more
+    than MAX_BATCH images, or whose seeds would pass MAX_SEED, naming the largest first seed that fits."""
     count = len(prompts) * num_images
+    if count > MAX_BATCH:
+        raise SDError(f"{count} images ({counted(len(prompts), 'prompt')} x {num_images}) are more than the {MAX_BATCH} one command "
+                      "renders: split the batch into several commands")
     if seed + count - 1 > MAX_SEED:
         raise SDError(f"--seed {seed} for {count} images needs seeds up to {seed + count - 1}, beyond the largest "
                       f"({MAX_SEED}): give one of at most {MAX_SEED - count + 1}")
@@ -388,6 +391,9 @@ def render(jobs: list[Job], inputs: dict, checkpoint: Path, vae: Path | None, de
     click.echo(f"sampled {counted(len(jobs), 'image')} in {sampling:.1f} s{each}", err=True)
 
 
+# every image of a batch is planned before the first renders (its file name, whether it exists): a billion would fill
+# the memory first (10,000 take 0.1 s)
+MAX_BATCH = 100_000
 # the options that are settings, by their names in generate_command -> in Settings where they differ
 SETTINGS_NAMES = {"cfg": "cfg_scale"}
 

@@ -71,6 +71,8 @@ def hires_target(width: int, height: int, scale: float | None, resize_width: int
     given, the other keeping the aspect ratio; or, with both, an upscale that covers the box, cut at its center.
     A size that is not a multiple of 8 is an SDError naming the nearest one that works."""
     if scale is not None:
+        if not math.isfinite(scale * max(width, height)):
+            raise SDError(f"hires scale {scale:g} makes {width}x{height} larger than any number: 2 doubles the width and the height")
         target = int(width * scale), int(height * scale)
         if not all(valid(side) for side in target):
             fits = nearest_scale(width, height, scale)

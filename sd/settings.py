@@ -130,8 +130,8 @@ class Settings:
             raise SDError(f"hires steps must be 0 (as many as steps) or more, got {self.hires_steps}")
         if not self.hires:
             return
-        if self.hires_scale is not None and not self.hires_scale > 0:
-            raise SDError(f"hires scale must be more than 0, got {self.hires_scale}: 2 doubles the width and the height")
+        if self.hires_scale is not None and not 0 < self.hires_scale < math.inf:
+            raise SDError(f"hires scale must be a number more than 0, got {self.hires_scale}: 2 doubles the width and the height")
         if self.hires_scale is not None and (self.hires_width or self.hires_height):
             raise SDError("give a hires scale or a hires width and height, not both")
         for name, side in (("hires width", self.hires_width), ("hires height", self.hires_height)):

@@ -105,6 +105,8 @@ def assert_clean_failure(result, expected: str):
         (["--prompt", "x", "--seed", "18446744073709551615", "--num-images", "2"],
          "error: --seed 18446744073709551615 for 2 images needs seeds up to 18446744073709551616, beyond the largest "
          "(18446744073709551615): give one of at most 18446744073709551614"),
+        (["--prompt", "x", "--num-images", "1000000000"],
+         "error: 1000000000 images (1 prompt x 1000000000) are more than the 100000 one command renders: split the batch into several commands"),
         (["--prompt", "x", "--output", "a.png", "--outdir", "b"], "give --output FILE or --outdir DIR, not both"),
         (["--prompt", "x", "--output", "a.jpg"], "a.jpg must end in .png"),
         (["--prompt", "x", "--input", "prompts.txt"], "error: --input prompts.txt is not an image"),
@@ -112,7 +114,7 @@ def assert_clean_failure(result, expected: str):
         (["--prompts-file", "comments.txt"], "error: no prompts in comments.txt"),
         (["--prompt", "x", "--outdir", "prompts.txt/images"], "error: cannot create the output folder prompts.txt/images"),
         (["--prompt", "x", "--output", "existing.png"], "error: existing.png exists: pass --overwrite"),
-        (["--prompt", "x", "--hires-scale", "0"], "error: hires scale must be more than 0, got 0.0"),
+        (["--prompt", "x", "--hires-scale", "0"], "error: hires scale must be a number more than 0, got 0.0"),
         (["--prompt", "x", "--width", "64", "--height", "64", "--hires-scale", "1.3"],
          "error: hires scale 1.3 makes 64x64 into 83x83, and sizes must be multiples of 8 of at least 64: try hires scale 1.25"),
         (["--prompt", "x", "--hires-width", "100"], "error: hires width must be a multiple of 8 and at least 64, got 100: try 96"),

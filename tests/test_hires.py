@@ -192,7 +192,9 @@ def test_stable_diffusion_cpps_hires_fields_are_read():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(hires_scale=0), "hires scale must be more than 0, got 0: 2 doubles"),
+        (dict(hires_scale=0), "hires scale must be a number more than 0, got 0: 2 doubles"),
+        (dict(hires_scale=float("inf")), "hires scale must be a number more than 0, got inf: 2 doubles"),
+        (dict(width=64, height=64, hires_scale=1e308), "hires scale 1e+308 makes 64x64 larger than any number: 2 doubles the width and the height"),
         (dict(width=64, height=64, hires_scale=1.3), "hires scale 1.3 makes 64x64 into 83x83, and sizes must be multiples of 8 of at least 64: try hires scale 1.25"),
         # for 72x64, 1 is nearer 1.25, but no upscale; 1.889 makes 136x120
         (dict(width=72, height=64, hires_scale=1.25), "hires scale 1.25 makes 72x64 into 90x80, and sizes must be multiples of 8 of at least 64: try hires scale 1.889"),
