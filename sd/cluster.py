@@ -12,6 +12,7 @@ checkpoint at the same path (the demo model is found in each machine's own copy 
 """
 
 import logging
+import math
 import os
 import socket
 import warnings
@@ -196,15 +197,18 @@ def next_rendered(ray, pool, in_flight: dict) -> Rendered:
 def worker_count(resources: dict, workers: int | None, cpus: float, gpus: float) -> int:
     """`workers`, or as many as the cluster has room for; refuses more than that, which would wait forever."""
     needs = {"CPU": cpus, "GPU": gpus}
+    for name, need in needs.items():
+        if not 0 <= need < math.inf:
+            raise SDError(f"each worker's {name}s must be a number of 0 or more, got {need}")
     room = min(int(resources.get(name, 0) // need) for name, need in needs.items() if need)
-    if workers is None:
-        workers = room
-    if not 1 <= workers <= room:
+    count = room if workers is None else workers
+    if not 1 <= count <= room:
         have = " and ".join(counted(resources.get(name, 0), name) for name in needs)
         each = " and ".join(counted(need, name) for name, need in needs.items())
-        raise SDError(f"the Ray cluster has {have}: room for {counted(room, 'worker')} of {each} each, not {workers}; "
+        asked = f", not {workers}" if workers is not None else ""
+        raise SDError(f"the Ray cluster has {have}: room for {counted(room, 'worker')} of {each} each{asked}; "
                       "give fewer --workers, fewer --cpus-per-worker or --gpus-per-worker, or add machines")
-    return workers
+    return count
 
 
 def import_ray():

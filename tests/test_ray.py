@@ -183,6 +183,8 @@ def test_a_checkpoint_the_workers_cannot_load_stops_the_batch_in_one_line(ray_cl
     (["--ray", "--workers", 0], "error: Invalid value for '--workers': 0 is not in the range x>=1"),
     (["--workers", 2], "error: --workers is an option of --ray: add --ray"),
     (["--ray", "--workers", 3], "error: the Ray cluster has 2 CPUs and 0 GPUs: room for 2 workers of 1 CPU and 0 GPUs each, not 3"),
+    (["--ray", "--gpus-per-worker", 1], "error: the Ray cluster has 2 CPUs and 0 GPUs: room for 0 workers of 1 CPU and 1 GPU each; give "),
+    (["--ray", "--cpus-per-worker", "nan"], "error: each worker's CPUs must be a number of 0 or more, got nan"),
 ])
 def test_bad_ray_options_are_refused(ray_cluster, args, expected):
     assert_one_line_error(sd(*BATCH, *args), expected)
