@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-from PIL import Image
 
 from sd.files import hashes
 from sd.control import FIELD_NAME as CONTROLNET_FIELD, PREPROCESSORS, ControlNetUnit, cached_controlnets
@@ -28,7 +27,7 @@ from sd.files.lora import LoraLibrary, prompt_loras, read_lora
 from sd.memory import Render, plan_vae_tiling
 from sd.files.metadata import read_infotext_of
 from sd.files.loader import check_vae, image_size, read_controlnet
-from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device
+from sd.pipeline import CHECKPOINT_HELP, DEMO_NAME, cached_models, find_checkpoint, generate, pick_device, read_image
 from sd.precision import DTYPE_NAMES, DTYPES, compute_dtype, weights_dtype
 from sd.sampling.samplers import SAMPLERS, karras_by_default
 from sd.prompts.conditioning import EMPHASIS_MODES
@@ -260,9 +259,9 @@ def generate_command(prompt, prompts_file, from_image, negative_prompt, cfg, ste
         check_vae(vae, checkpoint)
     embeddings = load_embeddings(embeddings_folder)
     loras = LoraLibrary(lora_dir, lora_paths)
-    input_image = open_image(input_path, "--input") if input_path is not None else None
-    mask = open_image(mask_path, "--mask") if mask_path is not None else None
-    control_pictures = [open_image(path, "--control-image") for path in control_images]
+    input_image = read_image(input_path, "--input") if input_path is not None else None
+    mask = read_image(mask_path, "--mask") if mask_path is not None else None
+    control_pictures = [read_image(path, "--control-image") for path in control_images]
     for net in control_nets:
         read_controlnet(net)  # its names and shapes: a file of another kind is refused before the load
     if mask is not None:
@@ -458,7 +457,7 @@ def plot_settings(base: Settings, axes: list[Axis], keep_karras: bool) -> list[S
 def save_grid(jobs: list[Job], axes: list[Axis] | None) -> Path:
     """The batch's images in one grid-NNNN.png beside them (the first number not taken), with the first image's
     settings; an X/Y plot's with each axis' values along its edge."""
-    images = [open_image(job.path, "the grid's image") for job in jobs]
+    images = [read_image(job.path, "the grid's image") for job in jobs]
     if axes:
         x, y = axes
         rows = [images[row * len(x.values):(row + 1) * len(x.values)] for row in range(len(y.values))]
@@ -571,16 +570,6 @@ def read_prompts(prompt: str | None, prompts_file: Path | None, default: str | N
     if not prompts:
         raise SDError(f"no prompts in {prompts_file}: write one prompt per line (lines starting with # are skipped)")
     return prompts
-
-
-def open_image(path: Path, option: str) -> Image.Image:
-    """Reads the whole image now, so that a file that is not an image fails before the models load."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
-        raise SDError(f"{option} {path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
 
 
 def plan(batch: list[Settings], output: Path | None, outdir: Path) -> list[Job]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .control import RenderControl, cached_controlnets, check_control, check_controlnets_fit, recorded_unit
 from .models.controlnet import Control, ControlNet
@@ -25,6 +25,7 @@ from .files.lora_merge import merged, plan_changes
 from .memory import Render, kept_loaded, on_device, out_of_memory_as_error, plan_vae_tiling
 from .files import DATA_DIR, DEMO_CHECKPOINT
 from .files.loader import LATENT_FACTOR, image_size, load_models
+from .files.metadata import too_large
 from .precision import compute_dtype, vae_dtype, weights_dtype
 from .prompts.editing import Timeline
 from .prompts.conditioning import ContextSchedule, guidance_contexts
@@ -460,15 +461,17 @@ def unet_with_loras(stages: Stages, lora_changes: dict):
 
 
 def read_image(image: Image.Image | str | Path, what: str) -> Image.Image:
-    """An image, or the image at a path, read whole."""
+    """An image, or the image at a path, read whole (so that a file that is no image fails before the models load)."""
     if isinstance(image, Image.Image):
         return image
     try:
         with Image.open(image) as opened:
             opened.load()
             return opened.copy()
-    except (OSError, UnidentifiedImageError) as error:
-        raise SDError(f"cannot read {what} {image}: {error.__class__.__name__}; give a PNG, JPEG or WebP file") from None
+    except Image.DecompressionBombError as error:
+        raise SDError(f"{what} {image} is too large to read: {too_large(error)}: give a smaller image") from None
+    except OSError:  # UnidentifiedImageError is an OSError
+        raise SDError(f"{what} {image} is not an image this program can read: give a PNG, JPEG or WebP file") from None
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:

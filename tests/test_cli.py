@@ -154,6 +154,15 @@ def test_version_and_an_unknown_option_of_sd_itself():
         assert result.exit_code == 2 and result.output == expected + "\n", result.output
 
 
+def test_an_image_too_large_for_pillow_is_one_line(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save("big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels, more than twice that: Pillow's decompression bomb
+    reason = "Image size (4096 pixels) exceeds limit of 2000 pixels"
+    assert_clean_failure(sd("--prompt", "x", "--input", "big.png"), f"error: --input big.png is too large to read: {reason}: give a smaller image\n")
+    result = CliRunner().invoke(cli.main, ["info", "big.png"], prog_name="sd")
+    assert result.exit_code == 2 and result.output == f"error: big.png is too large to read: {reason}\n", result.output
+
+
 def test_unavailable_device_is_refused():
     unavailable = [name for name, available in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not available]
     if not unavailable:

@@ -112,7 +112,7 @@ def test_bad_settings_are_refused_before_any_work(settings, message):
 def test_unreadable_input_image_is_refused(models, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
-    with pytest.raises(SDError, match="cannot read input image .*notes.png"):
+    with pytest.raises(SDError, match="^input image .*notes.png is not an image this program can read: give a PNG, JPEG or WebP file$"):
         generate("x", input_image=not_image, models=models, **SMALL)
 
 

@@ -21,6 +21,11 @@ OTHER_TOOLS = {
 }
 
 
+def too_large(error: Image.DecompressionBombError) -> str:
+    """Pillow's reason, without its guess at an attack: "Image size (400000000 pixels) exceeds limit of 178956970 pixels"."""
+    return str(error).split(", could be")[0].rstrip(".")
+
+
 def read_infotext_of(path: Path) -> str:
     """The image's settings text; NoSettingsError when it has none, SDError when it is no image or holds
     another tool's settings."""
@@ -28,7 +33,9 @@ def read_infotext_of(path: Path) -> str:
         with Image.open(path) as image:
             texts = dict(getattr(image, "text", {}))  # a PNG's text chunks, read to the end of the file
             comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    except (OSError, Image.DecompressionBombError, SyntaxError):  # UnidentifiedImageError is an OSError
+    except Image.DecompressionBombError as error:
+        raise SDError(f"{path} is too large to read: {too_large(error)}") from None
+    except (OSError, SyntaxError):  # UnidentifiedImageError is an OSError
         raise SDError(f"{path} is not an image this program can read: give a PNG, JPEG or WebP file") from None
     text = texts.get("parameters") or decode_comment(comment)
     if text and text.lstrip().startswith("{"):
